@@ -1,0 +1,47 @@
+# The two commands of README.md, each runnable on a fresh clone:
+#   make train   set up, get CIFAR-10, train on the embedded defaults (CONFIG=conf/cpu.yaml to pick a preset)
+#   make test    set up and run the whole test suite (what CI runs, through .ci/run)
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(abspath $(VENV))/bin
+CONFIG ?=
+export PATH := $(BIN):$(PATH)
+export MLFLOW_DISABLE_TELEMETRY := true
+export DVC_NO_ANALYTICS := 1
+# tests read the archive from $CIFAR10_ARCHIVE, else from ../shared beside the clone
+SHARED_ARCHIVE := $(abspath ../shared/cifar10/cifar-10-python.tar.gz)
+export CIFAR10_TEST_ARCHIVE := $(or $(CIFAR10_ARCHIVE),$(wildcard $(SHARED_ARCHIVE)))
+
+.PHONY: install data train test lint clean-notebooks readme
+
+# (re)install when the requirements change; the marker lives in the venv, so a fresh clone always installs
+$(VENV)/.installed: settings.ini setup.py
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $@
+
+install: $(VENV)/.installed
+
+data: install
+	cifar10 data
+
+train: data
+	cifar10 train $(if $(CONFIG),--config $(CONFIG))
+
+test: install
+	CIFAR10_ARCHIVE=$(CIFAR10_TEST_ARCHIVE) cifar10 data
+	nbdev_test
+	CIFAR10_ARCHIVE=$(CIFAR10_TEST_ARCHIVE) pytest -q tests
+
+lint: install
+	ruff check .
+
+clean-notebooks: install
+	nbdev_clean
+
+# README.md is nbs/index.ipynb as markdown (nbdev_readme would need Quarto); links to chapters point into nbs/
+readme:
+	jupyter nbconvert --log-level WARN --to markdown --stdout nbs/index.ipynb \
+	  | sed -E 's/\]\(([0-9][0-9a-z_]*\.ipynb)\)/](nbs\/\1)/g' > README.md.tmp && mv README.md.tmp README.md
