@@ -31,6 +31,7 @@ train: data
 	cifar10 train $(if $(CONFIG),--config $(CONFIG))
 
 test: install
+	ruff check .
 	CIFAR10_ARCHIVE=$(CIFAR10_TEST_ARCHIVE) cifar10 data
 	nbdev_test
 	CIFAR10_ARCHIVE=$(CIFAR10_TEST_ARCHIVE) pytest -q tests

@@ -8,12 +8,14 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_ARCHIVE = ROOT.parent/'shared'/'cifar10'/'cifar-10-python.tar.gz'
-CLI = str(Path(sys.executable).parent/'cifar10')  # the console script installed beside this Python
+VENV_BIN = Path(sys.executable).parent  # the project's environment: its console scripts, dvc, nbdev_*
+CLI = str(VENV_BIN/'cifar10')
 
 
 def cli_env(**extra) -> dict:
-    "The environment for a `cifar10` subprocess: this one, with telemetry off and `extra` added."
-    return {**os.environ, 'MLFLOW_DISABLE_TELEMETRY': 'true', 'DVC_NO_ANALYTICS': '1', **extra}
+    "The environment for a subprocess: this one, the project's tools first on PATH, telemetry off, and `extra`."
+    return {**os.environ, 'PATH': f'{VENV_BIN}:{os.environ["PATH"]}', 'MLFLOW_DISABLE_TELEMETRY': 'true',
+            'DVC_NO_ANALYTICS': '1', **extra}
 
 
 def run_cli(*args, cwd=ROOT, env=None, timeout=600) -> subprocess.CompletedProcess:

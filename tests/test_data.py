@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import CLI, ROOT, cli_env, run_cli
+from conftest import ROOT, cli_env, run_cli
 
 from cifar10.data import CLASSES, MEAN, STD, Augment, DeviceLoader, load_split, synthetic_batches, write_archive
 
@@ -131,7 +131,7 @@ def test_dvc_pipeline_push_and_pull(archive, tmp_path):
     for name in ('dvc.yaml', '.dvcignore', 'settings.ini'): shutil.copy(ROOT/name, repo/name)
     shutil.copytree(ROOT/'.dvc', repo/'.dvc', ignore=shutil.ignore_patterns('cache', 'tmp', 'config.local'))
     shutil.copytree(ROOT/'cifar10', repo/'cifar10', ignore=shutil.ignore_patterns('__pycache__'))
-    env = cli_env(CIFAR10_ARCHIVE=str(archive), PATH=f'{Path(CLI).parent}:{cli_env()["PATH"]}')
+    env = cli_env(CIFAR10_ARCHIVE=str(archive))
     def sh(*cmd):
         result = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=600)
         assert result.returncode == 0, f'{cmd}: {result.stdout}\n{result.stderr}'

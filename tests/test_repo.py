@@ -6,15 +6,11 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import ROOT, cli_env, run_cli
-
-BIN = f'{sys.executable.rsplit("/", 1)[0]}'
 
 
 def run(*cmd, cwd):
-    result = subprocess.run(cmd, cwd=cwd, env=cli_env(PATH=f'{BIN}:{cli_env()["PATH"]}'), capture_output=True,
-                            text=True, timeout=600)
+    result = subprocess.run(cmd, cwd=cwd, env=cli_env(), capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, f'{cmd}:\n{result.stdout}\n{result.stderr}'
     return result
 
