@@ -13,7 +13,7 @@ export DVC_NO_ANALYTICS := 1
 SHARED_ARCHIVE := $(abspath ../shared/cifar10/cifar-10-python.tar.gz)
 export CIFAR10_TEST_ARCHIVE := $(or $(CIFAR10_ARCHIVE),$(wildcard $(SHARED_ARCHIVE)))
 
-.PHONY: install data train test lint clean-notebooks readme
+.PHONY: install data train test lint clean-notebooks readme mlflow
 
 # (re)install when the requirements change; the marker lives in the venv, so a fresh clone always installs
 $(VENV)/.installed: settings.ini setup.py
@@ -33,8 +33,14 @@ train: data
 test: install
 	ruff check .
 	CIFAR10_ARCHIVE=$(CIFAR10_TEST_ARCHIVE) cifar10 data
-	nbdev_test
+	nbdev_test --n_workers 1
 	CIFAR10_ARCHIVE=$(CIFAR10_TEST_ARCHIVE) pytest -q tests
+
+# A real MLflow server over the same store `cifar10 train` uses by default (mlflow.db, mlartifacts/):
+# the UI at http://127.0.0.1:8080 shows every run; train against it with
+# `--logging.tracking_uri http://127.0.0.1:8080` or MLFLOW_TRACKING_URI=http://127.0.0.1:8080.
+mlflow: install
+	mlflow server --host 127.0.0.1 --port 8080 --backend-store-uri sqlite:///mlflow.db --artifacts-destination mlartifacts
 
 lint: install
 	ruff check .

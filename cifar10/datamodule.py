@@ -5,7 +5,7 @@
 # %% auto #0
 __all__ = ['CIFAR10DataModule']
 
-# %% ../nbs/00a_datamodule.ipynb #fcf9fb71
+# %% ../nbs/00a_datamodule.ipynb #49f48688
 from pathlib import Path
 
 import lightning as L
@@ -14,7 +14,7 @@ import torch
 
 from .data import Augment, DataError, DeviceLoader, load_split
 
-# %% ../nbs/00a_datamodule.ipynb #ef324789
+# %% ../nbs/00a_datamodule.ipynb #e0701166
 class CIFAR10DataModule(L.LightningDataModule):
     "CIFAR-10 splits as `DeviceLoader`s on the trainer's device."
     def __init__(self, data_dir: str | Path = 'data',  # where `cifar10 data` wrote the splits

@@ -140,11 +140,11 @@ def test_dvc_pipeline_push_and_pull(archive, tmp_path):
     sh('dvc', 'remote', 'modify', '--local', 'storage', 'url', str(remote))
     sh('dvc', 'repro', 'prepare')
     built = {split: digest(repo/'data'/split) for split in ('train', 'test')}
-    sh('dvc', 'push')
+    sh('dvc', 'push', 'prepare')
     shutil.rmtree(repo/'data'/'train'); shutil.rmtree(repo/'data'/'test'); shutil.rmtree(repo/'.dvc'/'cache')
-    sh('dvc', 'pull')
+    sh('dvc', 'pull', 'prepare')
     assert {split: digest(repo/'data'/split) for split in ('train', 'test')} == built
-    assert 'up to date' in sh('dvc', 'status').lower()
+    assert 'up to date' in sh('dvc', 'status', 'prepare').lower()
 
 
 def test_loader_batches(data_dir):

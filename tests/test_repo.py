@@ -54,7 +54,20 @@ def test_notebooks_are_ready_for_the_docs_site():
     assert {p.name for p in (ROOT/'nbs').glob('*.ipynb')} | {'_quarto.yml'} <= processed
 
 
-@pytest.mark.parametrize('command', [[], ['data']])
+@pytest.mark.parametrize('command', [[], ['data'], ['train'], ['infer']])
 def test_help(command):
     result = run_cli(*command, '--help')
     assert result.returncode == 0 and 'usage: cifar10' in result.stdout
+
+
+@pytest.mark.parametrize('name', ['conf/smoke.yaml', 'conf/cpu.yaml', 'conf/gpu.yaml'])
+def test_presets_are_valid_configurations(name):
+    "A preset with an unknown key or a bad value would raise here, naming the key."
+    from cifar10.config import load_config
+    load_config(ROOT/name)
+
+
+def test_dvc_params_are_the_pipeline_run():
+    "dvc.yaml's stages read models/pipeline and models/pipeline.ipynb: params.yaml must name the run so."
+    from cifar10.config import load_config
+    assert load_config(ROOT/'params.yaml').logging.run_name == 'pipeline'
