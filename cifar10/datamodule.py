@@ -5,7 +5,7 @@
 # %% auto #0
 __all__ = ['CIFAR10DataModule']
 
-# %% ../nbs/00a_datamodule.ipynb #49f48688
+# %% ../nbs/00a_datamodule.ipynb #286afc6e
 from pathlib import Path
 
 import lightning as L
@@ -14,12 +14,12 @@ import torch
 
 from .data import Augment, DataError, DeviceLoader, load_split
 
-# %% ../nbs/00a_datamodule.ipynb #e0701166
+# %% ../nbs/00a_datamodule.ipynb #d90feb16
 class CIFAR10DataModule(L.LightningDataModule):
     "CIFAR-10 splits as `DeviceLoader`s on the trainer's device."
     def __init__(self, data_dir: str | Path = 'data',  # where `cifar10 data` wrote the splits
-                 batch_size: int = 512,  # training batch size
-                 eval_batch_size: int = 1024,  # validation and test batch size
+                 batch_size: int = 1024,  # training batch size
+                 eval_batch_size: int = 2048,  # validation and test batch size
                  val_size: int = 0,  # training images held out for validation (0: validate on the test set)
                  subset: int | None = None,  # keep only this many random images of each split
                  augment: Augment | None = Augment(),  # training augmentations
