@@ -21,7 +21,7 @@ from lightning.pytorch.callbacks import Callback, LearningRateMonitor
 from lightning.pytorch.loggers import MLFlowLogger
 
 from cifar10.config import load_config
-from cifar10.trainer import Classifier, datamodule_for, device_settings, sgd_with_schedule
+from cifar10.trainer import AUTOCAST_DTYPES, Classifier, datamodule_for, device_settings, sgd_with_schedule
 
 
 class TrainTimer(Callback):
@@ -57,7 +57,7 @@ def bare_rate(cfg, steps: int) -> float:
     datamodule.device = device
     datamodule.setup()
     optimizer, schedule = sgd_with_schedule(module.net, cfg.training, len(datamodule.train_dataloader()))
-    dtype = {'bf16-mixed': torch.bfloat16, '16-mixed': torch.float16}.get(precision)
+    dtype = AUTOCAST_DTYPES.get(precision)
     module.train()
     batches = iter(datamodule.train_dataloader())
     if device == 'cuda': torch.cuda.synchronize()

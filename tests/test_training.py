@@ -135,20 +135,38 @@ def test_same_seed_same_metrics(tiny_data, tmp_path):
     assert run('c', seed=2) != first
 
 
-BAD_SETTINGS = {
-    'unknown key': (['--training.epochs', '3'], 'training.epochs'),
-    'wrong type': (['--training.max_epochs', 'three'], 'training.max_epochs'),
-    'out of range': (['--training.lr', '-1'], 'training.lr'),
-    'unknown architecture': (['--model.arch', 'resnet50'], 'model.arch'),
+BAD_SETTINGS = {  # flags, the key the error must name, the exit code (2: the parser's, 1: a later check's)
+    'unknown key': (['--training.epochs', '3'], 'training.epochs', 2),
+    'wrong type': (['--training.max_epochs', 'three'], 'training.max_epochs', 2),
+    'out of range': (['--training.lr', '-1'], 'training.lr', 2),
+    'unknown architecture': (['--model.arch', 'resnet50'], 'model.arch', 2),
+    'unknown accelerator': (['--training.accelerator', 'gpus'], 'training.accelerator', 2),
+    'warm-up past the end': (['--training.max_epochs', '2', '--training.warmup_epochs', '3'], 'warmup_epochs', 1),
+    'run name with a path': (['--logging.run_name', '../outside'], 'logging.run_name', 1),
 }
 
 
 @pytest.mark.parametrize('case', BAD_SETTINGS)
 def test_bad_flags_are_refused_before_any_work(case, tmp_path):
-    flags, key = BAD_SETTINGS[case]
+    flags, key, code = BAD_SETTINGS[case]
     result = run_cli('train', *flags, cwd=tmp_path)
-    assert result.returncode == 2 and key in result.stderr and 'Traceback' not in result.stderr, result.stderr
+    assert result.returncode == code and key in result.stderr and 'Traceback' not in result.stderr, result.stderr
     assert list(tmp_path.iterdir()) == []  # no models/, no mlflow.db
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason='needs a machine without a GPU')
+def test_a_missing_gpu_is_reported_before_the_run_starts(tiny_data, tmp_path):
+    result = run_cli('train', *smoke_flags(tiny_data, training__accelerator='gpu'), cwd=tmp_path)
+    assert result.returncode == 1 and 'training.accelerator gpu' in result.stderr, result.stderr
+    assert 'Traceback' not in result.stderr and not (tmp_path/'models').exists()
+
+
+def test_an_unwritable_models_folder_is_one_line(tiny_data, tmp_path):
+    (tmp_path/'a-file').touch()
+    result = run_cli('train', *smoke_flags(tiny_data, training__models_dir=tmp_path/'a-file'/'models'), cwd=tmp_path)
+    assert result.returncode == 1 and 'Traceback' not in result.stderr, result.stderr
+    last = result.stderr.strip().splitlines()[-1]  # earlier lines are Lightning's and MLflow's notices
+    assert last.startswith('cifar10 train: error:') and 'Not a directory' in last and 'a-file' in last, last
 
 
 @pytest.mark.parametrize('content, key', [('training:\n  max_epoch: 3\n', 'training.max_epoch'),
