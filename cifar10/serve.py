@@ -5,7 +5,7 @@
 # %% auto #0
 __all__ = ['MAX_BODY_BYTES', 'MAX_IMAGES', 'SMALL_BODY', 'ImageBatch', 'read_request', 'ClassifierAPI', 'build_server', 'serve']
 
-# %% ../nbs/04_serve.ipynb #8f182537
+# %% ../nbs/04_serve.ipynb #c39d7e21
 from dataclasses import dataclass
 from typing import Annotated
 
@@ -14,9 +14,9 @@ import numpy as np
 from fastapi import Depends, HTTPException, Request
 from starlette.concurrency import run_in_threadpool
 
-from .infer import ImageError, ImageTooLarge, load_predictor, read_image
+from .infer import ImageError, ImageTooLarge, OpenVinoBackend, load_predictor, read_image
 
-# %% ../nbs/04_serve.ipynb #52dfea5b
+# %% ../nbs/04_serve.ipynb #2645e5d9
 MAX_BODY_BYTES = 16 * 2**20  # a request body may be at most 16 MiB
 MAX_IMAGES = 256  # images in one request
 SMALL_BODY = 64 * 2**10  # pictures up to 64 KiB decode in well under a millisecond
@@ -50,7 +50,7 @@ async def read_request(request: Request) -> ImageBatch:
         except ImageError as e: raise HTTPException(400, f'{name}: {e}') from None
     return ImageBatch([name for name, _ in uploads], np.stack(images))
 
-# %% ../nbs/04_serve.ipynb #6cd04b91
+# %% ../nbs/04_serve.ipynb #afe166ea
 class ClassifierAPI(ls.LitAPI):
     "The model behind `/predict`: requests batched together, the `top_k` classes of each image sent back."
     def __init__(self, checkpoint_name: str, models_dir: str = 'models', backend: str = 'torch', top_k: int = 3,
@@ -61,8 +61,8 @@ class ClassifierAPI(ls.LitAPI):
 
     def setup(self, device):
         self.predictor = load_predictor(**self.model)
-        for size in (1 << i for i in range(self.max_batch_size.bit_length() + 1)):  # every batch shape, once, before
-            self.predictor.predict(np.zeros((size, 3, 32, 32), np.uint8))  # serving: no first-request compile spikes
+        for size in (1 << i for i in range(OpenVinoBackend.max_batch.bit_length())):  # every shape a backend compiles,
+            self.predictor.predict(np.zeros((size, 3, 32, 32), np.uint8))  # once: no first-request compile spikes
 
     def decode_request(self, request: Annotated[ImageBatch, Depends(read_request)]):
         return request
@@ -78,7 +78,7 @@ class ClassifierAPI(ls.LitAPI):
     def unbatch(self, answers): return answers
     def encode_response(self, answer): return {'predictions': answer}
 
-# %% ../nbs/04_serve.ipynb #46ec91ca
+# %% ../nbs/04_serve.ipynb #693c3526
 def build_server(checkpoint_name: str, models_dir: str = 'models', backend: str = 'torch', workers: int = 1,
                  max_batch_size: int = 64, batch_timeout: float = 0.002, top_k: int = 3, device: str = 'cpu',
                  threads: int = 0) -> ls.LitServer:

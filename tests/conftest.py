@@ -71,11 +71,12 @@ def mlflow_server(tmp_path_factory):
     "A real MLflow tracking server (SQLite backend, local artifact store) on a free loopback port; yields its URL."
     folder = tmp_path_factory.mktemp('mlflow-server')
     port = free_port()
-    server = subprocess.Popen([str(VENV_BIN/'mlflow'), 'server', '--host', '127.0.0.1', '--port', str(port),
-                               '--backend-store-uri', f'sqlite:///{folder}/mlflow.db',
-                               '--artifacts-destination', str(folder/'artifacts'), '--workers', '1'],
-                              cwd=folder, env=cli_env(), stdout=open(folder/'server.log', 'w'),
-                              stderr=subprocess.STDOUT, start_new_session=True)
+    with open(folder/'server.log', 'w') as log:  # the server keeps its own copy of the file open
+        server = subprocess.Popen([str(VENV_BIN/'mlflow'), 'server', '--host', '127.0.0.1', '--port', str(port),
+                                   '--backend-store-uri', f'sqlite:///{folder}/mlflow.db',
+                                   '--artifacts-destination', str(folder/'artifacts'), '--workers', '1'],
+                                  cwd=folder, env=cli_env(), stdout=log, stderr=subprocess.STDOUT,
+                                  start_new_session=True)
     url = f'http://127.0.0.1:{port}'
     try:
         deadline = time.time() + 120

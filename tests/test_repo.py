@@ -54,7 +54,7 @@ def test_notebooks_are_ready_for_the_docs_site():
     assert {p.name for p in (ROOT/'nbs').glob('*.ipynb')} | {'_quarto.yml'} <= processed
 
 
-@pytest.mark.parametrize('command', [[], ['data'], ['train'], ['infer']])
+@pytest.mark.parametrize('command', [[], ['data'], ['train'], ['infer'], ['export'], ['serve']])
 def test_help(command):
     result = run_cli(*command, '--help')
     assert result.returncode == 0 and 'usage: cifar10' in result.stdout

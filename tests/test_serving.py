@@ -1,8 +1,11 @@
 """Inference, export and serving end to end: `cifar10 infer` on a folder of good and bad pictures, ONNX
 exports that agree with PyTorch, and `cifar10 serve` answering real HTTP requests, good and bad."""
+import contextlib
 import csv
 import io
 import json
+import os
+import signal
 import subprocess
 import time
 import urllib.error
@@ -31,14 +34,17 @@ def trained(tiny_data, tmp_path_factory):
     return folder/'models', 'small'
 
 
-def picture(index: int, size=(32, 32), format='PNG', mode='RGB') -> bytes:
-    "Test image `index` of the real data, resized and saved as `format`."
-    images, _ = load_split(ROOT/'data', 'test')
-    image = Image.fromarray(np.array(images[index]).transpose(1, 2, 0)).resize(size).convert(mode)
-    buffer = io.BytesIO(); image.save(buffer, format); return buffer.getvalue()
+@pytest.fixture(scope='session')
+def picture(data_dir):
+    "A function of `index`, `size`, `format`, `mode`: that test image of the real data, resized, as a file's bytes."
+    images, _ = load_split(data_dir, 'test')
+    def encode(index: int, size=(32, 32), format='PNG', mode='RGB') -> bytes:
+        image = Image.fromarray(np.array(images[index]).transpose(1, 2, 0)).resize(size).convert(mode)
+        buffer = io.BytesIO(); image.save(buffer, format); return buffer.getvalue()
+    return encode
 
 
-def test_infer_a_folder_of_good_and_bad_pictures(trained, tmp_path):
+def test_infer_a_folder_of_good_and_bad_pictures(trained, tmp_path, picture):
     models, run = trained
     pictures = tmp_path/'pictures'
     (pictures/'nested').mkdir(parents=True)
@@ -56,12 +62,15 @@ def test_infer_a_folder_of_good_and_bad_pictures(trained, tmp_path):
     assert set(rows) == {'cat.png', 'ship.jpg', 'grey.bmp', 'alpha.webp', 'broken.png', 'fake.jpg'}
     for name in ('cat.png', 'ship.jpg', 'grey.bmp', 'alpha.webp'):
         assert rows[name]['label'] in CLASSES and not rows[name]['error'] and len(rows[name]['top_k'].split()) == 3
-    assert 'truncated' in rows['broken.png']['error'] and 'not an image' in rows['fake.jpg']['error']
+    assert 'image file is truncated' in rows['broken.png']['error'] and 'not an image' in rows['fake.jpg']['error']
     good = run_cli('infer', '--checkpoint_name', run, '--models_dir', models, pictures/'cat.png', '--top_k', '5',
                    '--output', tmp_path/'out.json')
     assert good.returncode == 0, good.stderr
     [record] = json.loads((tmp_path/'out.json').read_text())
-    assert len(record['top_k']) == 5 and abs(sum(o['probability'] for o in record['top_k']) - 1) < 0.5
+    probabilities = [o['probability'] for o in record['top_k']]
+    assert len(probabilities) == 5 and len({o['class'] for o in record['top_k']}) == 5
+    assert probabilities == sorted(probabilities, reverse=True) and 0 < sum(probabilities) <= 1 + 1e-6, record
+    assert record['label'] == record['top_k'][0]['class'] and record['probability'] == probabilities[0]
 
 
 def export_checks(output: str) -> dict:
@@ -96,6 +105,23 @@ def test_export_agrees_with_pytorch(trained, tiny_data):
     assert all(abs(accuracies[b] - accuracies['torch']) < 0.03 for b in ('openvino', 'onnx-int8')), accuracies
 
 
+def test_a_stale_export_is_refused(trained, tiny_data, tmp_path):
+    models, run = trained
+    exported = run_cli('export', '--checkpoint_name', run, '--models_dir', models, '--data_dir', tiny_data)
+    assert exported.returncode == 0, exported.stderr
+    copy = tmp_path/'models'/run
+    copy.mkdir(parents=True)
+    for name in ('last.ckpt', 'last.onnx'): (copy/name).write_bytes((models/run/name).read_bytes())
+    fresh = run_cli('infer', '--checkpoint_name', run, '--models_dir', copy.parent, '--data_dir', tiny_data,
+                    '--backend', 'onnx')
+    assert fresh.returncode == 0, fresh.stderr
+    with open(copy/'last.ckpt', 'ab') as f: f.write(b'retrained')  # the checkpoint changes after the export
+    stale = run_cli('infer', '--checkpoint_name', run, '--models_dir', copy.parent, '--data_dir', tiny_data,
+                    '--backend', 'onnx')
+    assert stale.returncode == 1 and 'exported from an earlier version' in stale.stderr, stale.stderr
+    assert 'run cifar10 export' in stale.stderr and 'Traceback' not in stale.stderr
+
+
 def request(url, body=None, content_type=None, method='POST'):
     "Status and JSON (or text) of an HTTP request."
     headers = {'Content-Type': content_type} if content_type else {}
@@ -121,16 +147,22 @@ def server(trained):
     models, run = trained
     port = free_port()
     command = [CLI, 'serve', '--checkpoint_name', run, '--models_dir', str(models), '--port', str(port)]
-    process = subprocess.Popen(command, env=cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    log = models.parent/'server.log'  # a file, not a pipe: a server that writes a lot can't block on it
+    with open(log, 'w') as output:
+        process = subprocess.Popen(command, env=cli_env(), stdout=output, stderr=subprocess.STDOUT,
+                                   start_new_session=True)  # its own process group: LitServe's workers stop with it
     url = f'http://127.0.0.1:{port}'
-    deadline = time.time() + 120
-    while not healthy(url):
-        if process.poll() is not None or time.time() > deadline:
-            pytest.fail(f'server did not start: {process.stderr.read()}')
-        time.sleep(0.2)
-    yield url
-    assert process.poll() is None, 'the server died while being tested'
-    process.terminate(); process.wait(timeout=30)
+    try:
+        deadline = time.time() + 120
+        while not healthy(url):
+            if process.poll() is not None or time.time() > deadline:
+                pytest.fail(f'server did not start: {log.read_text()[-3000:]}')
+            time.sleep(0.2)
+        yield url
+        assert process.poll() is None, f'the server died while being tested: {log.read_text()[-3000:]}'
+    finally:
+        with contextlib.suppress(ProcessLookupError): os.killpg(process.pid, signal.SIGTERM)  # unless all have gone
+        process.wait(timeout=30)
 
 
 def healthy(url) -> bool:
@@ -139,7 +171,7 @@ def healthy(url) -> bool:
     except OSError: return False
 
 
-def test_server_classifies_single_batched_and_concurrent_requests(server):
+def test_server_classifies_single_batched_and_concurrent_requests(server, picture):
     status, answer = request(f'{server}/predict', picture(0), 'image/png')
     assert status == 200 and answer['predictions'][0]['top_k'][0]['class'] in CLASSES, answer
     status, answer = request(f'{server}/predict', picture(5, (800, 600), 'JPEG'), 'image/jpeg')
@@ -170,7 +202,7 @@ BAD_REQUESTS = {
 
 
 @pytest.mark.parametrize('case', BAD_REQUESTS)
-def test_server_rejects_bad_requests_and_keeps_serving(server, case):
+def test_server_rejects_bad_requests_and_keeps_serving(server, case, picture):
     body, content_type, expected = BAD_REQUESTS[case]
     if case == 'truncated image': body = picture(0, (300, 300))[:500]
     if case == 'decompression bomb':
