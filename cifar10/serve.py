@@ -5,7 +5,8 @@
 # %% auto #0
 __all__ = ['MAX_BODY_BYTES', 'MAX_IMAGES', 'SMALL_BODY', 'ImageBatch', 'read_request', 'ClassifierAPI', 'build_server', 'serve']
 
-# %% ../nbs/04_serve.ipynb #c39d7e21
+# %% ../nbs/04_serve.ipynb #c0e3aa80
+import signal
 from dataclasses import dataclass
 from typing import Annotated
 
@@ -16,7 +17,7 @@ from starlette.concurrency import run_in_threadpool
 
 from .infer import ImageError, ImageTooLarge, OpenVinoBackend, load_predictor, read_image
 
-# %% ../nbs/04_serve.ipynb #2645e5d9
+# %% ../nbs/04_serve.ipynb #b0bffaf0
 MAX_BODY_BYTES = 16 * 2**20  # a request body may be at most 16 MiB
 MAX_IMAGES = 256  # images in one request
 SMALL_BODY = 64 * 2**10  # pictures up to 64 KiB decode in well under a millisecond
@@ -50,7 +51,7 @@ async def read_request(request: Request) -> ImageBatch:
         except ImageError as e: raise HTTPException(400, f'{name}: {e}') from None
     return ImageBatch([name for name, _ in uploads], np.stack(images))
 
-# %% ../nbs/04_serve.ipynb #afe166ea
+# %% ../nbs/04_serve.ipynb #7c916faa
 class ClassifierAPI(ls.LitAPI):
     "The model behind `/predict`: requests batched together, the `top_k` classes of each image sent back."
     def __init__(self, checkpoint_name: str, models_dir: str = 'models', backend: str = 'torch', top_k: int = 3,
@@ -78,7 +79,7 @@ class ClassifierAPI(ls.LitAPI):
     def unbatch(self, answers): return answers
     def encode_response(self, answer): return {'predictions': answer}
 
-# %% ../nbs/04_serve.ipynb #693c3526
+# %% ../nbs/04_serve.ipynb #5ebe9ae6
 def build_server(checkpoint_name: str, models_dir: str = 'models', backend: str = 'torch', workers: int = 1,
                  max_batch_size: int = 64, batch_timeout: float = 0.002, top_k: int = 3, device: str = 'cpu',
                  threads: int = 0) -> ls.LitServer:
@@ -88,7 +89,12 @@ def build_server(checkpoint_name: str, models_dir: str = 'models', backend: str 
     return ls.LitServer(api, accelerator='cuda' if device.startswith('cuda') else 'cpu', devices=1,
                         workers_per_device=workers, max_payload_size=MAX_BODY_BYTES, timeout=30)
 
+def _interrupt(signum, frame): raise KeyboardInterrupt
+
 def serve(checkpoint_name: str, host: str = '127.0.0.1', port: int = 8000, api_servers: int = 1, **kwargs):
     "Serve `checkpoint_name` on `host`:`port` until interrupted (loopback only, unless `host` says otherwise)."
-    build_server(checkpoint_name, **kwargs).run(host=host, port=port, num_api_servers=api_servers,
-                                                generate_client_file=False, log_level='warning')
+    server = build_server(checkpoint_name, **kwargs)
+    # a service manager stops a process with SIGTERM: shut down as on Ctrl-C, so that LitServe stops its HTTP and
+    # model processes too (by default SIGTERM ends this process alone, and they would be left running)
+    signal.signal(signal.SIGTERM, _interrupt)
+    server.run(host=host, port=port, num_api_servers=api_servers, generate_client_file=False, log_level='warning')

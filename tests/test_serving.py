@@ -141,16 +141,14 @@ def multipart(files: dict) -> tuple[bytes, str]:
     return b'\r\n'.join(parts + [b'--XyZ--', b'']), 'multipart/form-data; boundary=XyZ'
 
 
-@pytest.fixture(scope='module')
-def server(trained):
-    "`cifar10 serve` on the trained model, in its own process on a free loopback port; yields its URL."
-    models, run = trained
+@contextlib.contextmanager
+def serving(models, run, log):
+    "`cifar10 serve` on a run, in its own process group on a free loopback port, output to `log`: (process, URL)."
     port = free_port()
     command = [CLI, 'serve', '--checkpoint_name', run, '--models_dir', str(models), '--port', str(port)]
-    log = models.parent/'server.log'  # a file, not a pipe: a server that writes a lot can't block on it
-    with open(log, 'w') as output:
+    with open(log, 'w') as output:  # a file, not a pipe: a server that writes a lot can't block on it
         process = subprocess.Popen(command, env=cli_env(), stdout=output, stderr=subprocess.STDOUT,
-                                   start_new_session=True)  # its own process group: LitServe's workers stop with it
+                                   start_new_session=True)  # its own process group, to be sure to stop it all
     url = f'http://127.0.0.1:{port}'
     try:
         deadline = time.time() + 120
@@ -158,11 +156,31 @@ def server(trained):
             if process.poll() is not None or time.time() > deadline:
                 pytest.fail(f'server did not start: {log.read_text()[-3000:]}')
             time.sleep(0.2)
+        yield process, url
+    finally:
+        with contextlib.suppress(ProcessLookupError): os.killpg(process.pid, signal.SIGKILL)  # whatever is left
+        process.wait(timeout=30)
+
+
+@pytest.fixture(scope='module')
+def server(trained):
+    "The URL of `cifar10 serve` on the trained model."
+    models, run = trained
+    log = models.parent/'server.log'
+    with serving(models, run, log) as (process, url):
         yield url
         assert process.poll() is None, f'the server died while being tested: {log.read_text()[-3000:]}'
-    finally:
-        with contextlib.suppress(ProcessLookupError): os.killpg(process.pid, signal.SIGTERM)  # unless all have gone
-        process.wait(timeout=30)
+
+
+def test_sigterm_stops_every_server_process(trained, tmp_path):
+    "A service manager stops `cifar10 serve` with SIGTERM to its main process: the HTTP and model processes go too."
+    with serving(*trained, tmp_path/'server.log') as (process, url):
+        children = psutil.Process(process.pid).children(recursive=True)
+        assert children, 'expected LitServe to run HTTP and model processes'
+        process.terminate()
+        process.wait(timeout=60)
+        _, alive = psutil.wait_procs(children, timeout=30)
+        assert not alive, [p.cmdline() for p in alive]
 
 
 def healthy(url) -> bool:
