@@ -9,9 +9,10 @@ CONFIG ?=
 export PATH := $(BIN):$(PATH)
 export MLFLOW_DISABLE_TELEMETRY := true
 export DVC_NO_ANALYTICS := 1
-# tests read the archive from $CIFAR10_ARCHIVE, else from ../shared beside the clone
+# the archive: $CIFAR10_ARCHIVE, else a copy in ../shared beside the clone, else (for `cifar10 data` without
+# either) the official download
 SHARED_ARCHIVE := $(abspath ../shared/cifar10/cifar-10-python.tar.gz)
-export CIFAR10_TEST_ARCHIVE := $(or $(CIFAR10_ARCHIVE),$(wildcard $(SHARED_ARCHIVE)))
+export CIFAR10_LOCAL_ARCHIVE := $(or $(CIFAR10_ARCHIVE),$(wildcard $(SHARED_ARCHIVE)))
 
 .PHONY: install data train test lint clean-notebooks readme mlflow
 
@@ -25,16 +26,16 @@ $(VENV)/.installed: settings.ini setup.py
 install: $(VENV)/.installed
 
 data: install
-	cifar10 data
+	$(if $(CIFAR10_LOCAL_ARCHIVE),CIFAR10_ARCHIVE=$(CIFAR10_LOCAL_ARCHIVE)) cifar10 data
 
 train: data
 	cifar10 train $(if $(CONFIG),--config $(CONFIG))
 
 test: install
 	ruff check .
-	CIFAR10_ARCHIVE=$(CIFAR10_TEST_ARCHIVE) cifar10 data
+	CIFAR10_ARCHIVE=$(CIFAR10_LOCAL_ARCHIVE) cifar10 data
 	nbdev_test --n_workers 1
-	CIFAR10_ARCHIVE=$(CIFAR10_TEST_ARCHIVE) pytest -q tests
+	CIFAR10_ARCHIVE=$(CIFAR10_LOCAL_ARCHIVE) pytest -q tests
 
 # A real MLflow server over the same store `cifar10 train` uses by default (mlflow.db, mlartifacts/):
 # the UI at http://127.0.0.1:8080 shows every run; train against it with
@@ -51,4 +52,4 @@ clean-notebooks: install
 # README.md is nbs/index.ipynb as markdown (nbdev_readme would need Quarto); links to chapters point into nbs/
 readme:
 	jupyter nbconvert --log-level WARN --to markdown --stdout nbs/index.ipynb \
-	  | sed -E 's/\]\(([0-9][0-9a-z_]*\.ipynb)\)/](nbs\/\1)/g' > README.md.tmp && mv README.md.tmp README.md
+	  | sed -E 's/\]\(([0-9a-z_]+\.ipynb)\)/](nbs\/\1)/g' > README.md.tmp && mv README.md.tmp README.md

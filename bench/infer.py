@@ -18,7 +18,7 @@ import torch
 
 from cifar10.data import load_split
 from cifar10.export import export_checkpoint
-from cifar10.infer import ONNX_FILES, checkpoint_path, load_predictor
+from cifar10.infer import ONNX_FILES, checkpoint_path, is_export_of, load_predictor, onnx_description
 
 
 def images_per_second(predictor, images, batch_size) -> float:
@@ -38,8 +38,9 @@ def main():
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     path = checkpoint_path(args.checkpoint_name, args.models_dir)
-    for format in ('onnx', 'onnx-int8'):
-        if not path.with_suffix(ONNX_FILES[format]).is_file():
+    for format in ('onnx', 'onnx-int8'):  # (re)export what is missing or was exported from an older checkpoint
+        export = path.with_suffix(ONNX_FILES[format])
+        if not export.is_file() or not is_export_of(onnx_description(export), path):
             export_checkpoint(args.checkpoint_name, format, args.models_dir, args.data_dir)
     predictors = {backend: load_predictor(args.checkpoint_name, args.models_dir, backend, threads=args.threads)
                   for backend in ('torch', *ONNX_FILES)}

@@ -71,3 +71,10 @@ def test_dvc_params_are_the_pipeline_run():
     "dvc.yaml's stages read models/pipeline and models/pipeline.ipynb: params.yaml must name the run so."
     from cifar10.config import load_config
     assert load_config(ROOT/'params.yaml').logging.run_name == 'pipeline'
+
+
+def test_dvc_params_are_the_defaults_but_for_the_run_name():
+    "params.yaml spells out every setting for `dvc exp run -S`; it must not drift from the configuration's defaults."
+    from cifar10.config import load_config
+    pipeline = {'logging': {'run_name': 'pipeline', 'progress_bar': False}}
+    assert load_config(ROOT/'params.yaml') == load_config(overrides=pipeline)

@@ -1,6 +1,7 @@
 """Training end to end on tiny data: the CLI against a real MLflow server, papermill, the DVC pipeline,
 resuming a killed run, seeding, and bad configurations refused before any work starts."""
 import json
+import os
 import signal
 import subprocess
 import time
@@ -114,7 +115,7 @@ def test_resume_after_the_process_is_killed(tiny_data, tmp_path):
     process.send_signal(signal.SIGKILL); process.wait()
     killed_at = torch.load(last, weights_only=True)['epoch']  # the checkpoint is whole, though the process died
     assert killed_at < 7, 'the run finished before it could be killed; make it longer'
-    result = run_cli('train', '--resume', 'killed', cwd=tmp_path)
+    result = run_cli('train', '--resume', tmp_path/'models'/'killed', cwd=tmp_path)  # by folder: where it is now
     assert result.returncode == 0, result.stderr
     final = torch.load(last, weights_only=True)
     assert final['epoch'] == 7 and final['global_step'] == 8 * (1000 // 128)
@@ -130,9 +131,11 @@ def test_same_seed_same_metrics(tiny_data, tmp_path):
                                   'training': {'seed': seed, 'models_dir': str(tmp_path/'models')},
                                   'logging': {'tracking_uri': f'sqlite:///{tmp_path}/mlflow.db', 'run_name': name}})
         return fit(cfg).test_metrics
+    tracking_before = os.environ.get('MLFLOW_TRACKING_URI')
     first = run('a', seed=1)
     assert run('b', seed=1) == first
     assert run('c', seed=2) != first
+    assert os.environ.get('MLFLOW_TRACKING_URI') == tracking_before  # not left for later subprocesses to inherit
 
 
 BAD_SETTINGS = {  # flags, the key the error must name, the exit code (2: the parser's, 1: a later check's)
@@ -159,6 +162,13 @@ def test_a_missing_gpu_is_reported_before_the_run_starts(tiny_data, tmp_path):
     result = run_cli('train', *smoke_flags(tiny_data, training__accelerator='gpu'), cwd=tmp_path)
     assert result.returncode == 1 and 'training.accelerator gpu' in result.stderr, result.stderr
     assert 'Traceback' not in result.stderr and not (tmp_path/'models').exists()
+
+
+def test_a_run_that_fails_before_its_first_checkpoint_leaves_no_folder(tiny_data, tmp_path):
+    flags = smoke_flags(tiny_data, data__val_size='1000', logging__run_name='doomed')  # all 1000 images held out
+    result = run_cli('train', *flags, cwd=tmp_path)
+    assert result.returncode == 1 and 'leaves no training images' in result.stderr, result.stderr
+    assert not (tmp_path/'models'/'doomed').exists()  # so the same command can simply be run again
 
 
 def test_an_unwritable_models_folder_is_one_line(tiny_data, tmp_path):
@@ -190,6 +200,6 @@ def test_checkpoint_names(tmp_path):
     (tmp_path/'models'/'some-run').mkdir(parents=True)
     torch.save({}, tmp_path/'models'/'some-run'/'last.ckpt')
     missing = run_cli('infer', '--checkpoint_name', 'other-run', cwd=tmp_path)
-    assert missing.returncode == 1 and 'there are: some-run, some-run/best' in missing.stderr
+    assert missing.returncode == 1 and 'there are: some-run' in missing.stderr and '/best' not in missing.stderr
     escape = run_cli('infer', '--checkpoint_name', '../../etc/passwd', cwd=tmp_path)
     assert escape.returncode == 1 and 'not a checkpoint name' in escape.stderr
