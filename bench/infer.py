@@ -16,6 +16,7 @@ import time
 import numpy as np
 import torch
 
+from cifar10.config import ExportSettings, PredictorSettings
 from cifar10.data import load_split
 from cifar10.export import export_checkpoint
 from cifar10.infer import ONNX_FILES, checkpoint_path, is_export_of, load_predictor, onnx_description
@@ -41,8 +42,9 @@ def main():
     for format in ('onnx', 'onnx-int8'):  # (re)export what is missing or was exported from an older checkpoint
         export = path.with_suffix(ONNX_FILES[format])
         if not export.is_file() or not is_export_of(onnx_description(export), path):
-            export_checkpoint(args.checkpoint_name, format, args.models_dir, args.data_dir)
-    predictors = {backend: load_predictor(args.checkpoint_name, args.models_dir, backend, threads=args.threads)
+            export_checkpoint(ExportSettings(args.checkpoint_name, args.models_dir, format, args.data_dir))
+    predictors = {backend: load_predictor(PredictorSettings(args.checkpoint_name, args.models_dir, backend,
+                                                            threads=args.threads))
                   for backend in ('torch', *ONNX_FILES)}
     images, labels = load_split(args.data_dir, 'test')
     images = np.array(images)

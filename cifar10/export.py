@@ -9,30 +9,32 @@ import contextlib
 import io
 import json
 import logging
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import onnx
 import torch
 
-from .config import EXPORT_FORMATS
+from .checkpoint import ImageClassifier, TorchBackend, load_checkpoint
+from .config import EXPORT_FORMATS, CheckpointError, ExportSettings, PredictorSettings
 from .data import atomic_path, file_digest, load_split
-from .infer import (ONNX_FILES, CheckpointError, Predictor, TorchBackend, checkpoint_path, load_checkpoint,
+from .infer import (ONNX_DESCRIPTION_KEY, ONNX_FILES, Predictor, checkpoint_path, is_export_of,
                            load_predictor, onnx_description)
 
 # %% auto #0
 __all__ = ['export_onnx', 'quantize_onnx', 'agreement', 'export_checkpoint']
 
 # %% ../nbs/03a_export.ipynb #ef928244
-def export_onnx(classifier: torch.nn.Module, meta: dict, path: str | Path) -> Path:
-    "Write `classifier` (uint8 images in, logits out) to `path` as ONNX, with `meta` in its metadata."
+def export_onnx(classifier: ImageClassifier, path: str | Path) -> Path:
+    "Write `classifier` (uint8 images in, logits out) to `path` as ONNX, with its description in the metadata."
     example = torch.zeros(2, 3, 32, 32, dtype=torch.uint8)
     batch = torch.export.Dim('batch', min=1, max=65536)
     program = torch.onnx.export(classifier.cpu().eval(), (example,), input_names=['images'], output_names=['logits'],
                                 dynamic_shapes={'images': {0: batch}}, dynamo=True, verbose=False)
     program.optimize()
     model = program.model_proto
-    onnx.helper.set_model_props(model, {'cifar10': json.dumps(meta)})
+    onnx.helper.set_model_props(model, {ONNX_DESCRIPTION_KEY: json.dumps(classifier.description.as_dict())})
     with atomic_path(path) as tmp: onnx.save(model, tmp)
     return Path(path)
 
@@ -69,7 +71,7 @@ def quantize_onnx(source: str | Path,  # a float32 ONNX file from `export_onnx`
                         extra_options={'CalibPercentile': 99.99})
         prepared.unlink()
         model = onnx.load(tmp)
-        onnx.helper.set_model_props(model, {'cifar10': json.dumps(onnx_description(source))})
+        onnx.helper.set_model_props(model, {ONNX_DESCRIPTION_KEY: json.dumps(onnx_description(source).as_dict())})
         onnx.save(model, tmp)
     return Path(path)
 
@@ -89,27 +91,27 @@ def agreement(reference: Predictor, candidate: Predictor, images: np.ndarray, la
             'reference_accuracy': float(right[0] / n), 'candidate_accuracy': float(right[1] / n), 'images': n}
 
 # %% ../nbs/03a_export.ipynb #2d6f5e51
-def export_checkpoint(name: str,  # a checkpoint name in `models_dir`, or a .ckpt path
-                      format: str = 'onnx', models_dir: str | Path = 'models', data_dir: str | Path = 'data',
-                      calibration_size: int = 512) -> tuple[Path, dict]:
-    "Export checkpoint `name` as `format` beside it; returns the file and, per backend, its agreement with PyTorch."
-    if format not in EXPORT_FORMATS:
-        raise CheckpointError(f'unknown export format {format!r}; choose one of {", ".join(EXPORT_FORMATS)}')
-    path = checkpoint_path(name, models_dir)
-    if path.suffix != '.ckpt': raise CheckpointError(f'{name}: export takes a checkpoint (a run name or a .ckpt path)')
-    classifier, meta = load_checkpoint(path)
-    meta['checkpoint_sha256'] = file_digest(path, 'sha256')  # so a later run of the checkpoint can't use a stale export
+def export_checkpoint(settings: ExportSettings) -> tuple[Path, dict]:
+    "Export the checkpoint `settings` name beside it; returns the file and, per backend, its agreement with PyTorch."
+    if settings.format not in EXPORT_FORMATS:
+        raise CheckpointError(f'unknown export format {settings.format!r}; choose one of {", ".join(EXPORT_FORMATS)}')
+    path = checkpoint_path(settings.checkpoint_name, settings.models_dir)
+    if path.suffix != '.ckpt':
+        raise CheckpointError(f'{settings.checkpoint_name}: export takes a checkpoint (a run name or a .ckpt path)')
+    classifier, description = load_checkpoint(path)
+    # the digest lets a later version of the checkpoint (a resumed run) refuse this export as stale
+    classifier.description = replace(description, checkpoint_sha256=file_digest(path, 'sha256'))
     fp32 = path.with_suffix(ONNX_FILES['onnx'])
-    if format == 'onnx' or not (fp32.is_file() and
-                                onnx_description(fp32).get('checkpoint_sha256') == meta['checkpoint_sha256']):
-        export_onnx(classifier, meta, fp32)  # int8 is quantized from the float file
+    if settings.format == 'onnx' or not (fp32.is_file() and is_export_of(onnx_description(fp32), path)):
+        export_onnx(classifier, fp32)  # int8 is quantized from the float file
     target = fp32
-    if format == 'onnx-int8':
-        calibration, _ = load_split(data_dir, 'train')
-        order = np.random.default_rng(0).permutation(len(calibration))[:calibration_size]
+    if settings.format == 'onnx-int8':
+        calibration, _ = load_split(settings.data_dir, 'train')
+        order = np.random.default_rng(0).permutation(len(calibration))[:settings.calibration_size]
         target = path.with_suffix(ONNX_FILES['onnx-int8'])
         quantize_onnx(fp32, target, np.array(calibration[np.sort(order)]))
-    reference = Predictor(TorchBackend(classifier), tuple(meta['classes']))
-    images, labels = load_split(data_dir, 'test')
-    backends = ['onnx-int8'] if format == 'onnx-int8' else ['onnx', 'openvino']  # the runtimes of that file
-    return target, {b: agreement(reference, load_predictor(str(target), backend=b), images, labels) for b in backends}
+    reference = Predictor(TorchBackend(classifier), description)
+    images, labels = load_split(settings.data_dir, 'test')
+    backends = ['onnx-int8'] if settings.format == 'onnx-int8' else ['onnx', 'openvino']  # the runtimes of that file
+    return target, {b: agreement(reference, load_predictor(PredictorSettings(str(target), backend=b)), images, labels)
+                    for b in backends}

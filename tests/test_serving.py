@@ -1,11 +1,12 @@
 """Inference, export and serving end to end: `cifar10 infer` on a folder of good and bad pictures, ONNX
-exports that agree with PyTorch, and `cifar10 serve` answering real HTTP requests, good and bad."""
-import contextlib
+exports that agree with PyTorch, and `cifar10 serve` answering real HTTP requests, good and bad, reporting
+metrics, importing no PyTorch on an ONNX backend, and stopping cleanly."""
 import csv
 import io
 import json
 import os
 import signal
+import socket
 import subprocess
 import time
 import urllib.error
@@ -13,35 +14,13 @@ import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import numpy as np
 import psutil
 import pytest
-from conftest import CLI, ROOT, cli_env, free_port, run_cli
+from conftest import CLI, cifar10_server, cli_env, free_port, run_cli
 from PIL import Image
 
-from cifar10.data import CLASSES, load_split
-
-
-@pytest.fixture(scope='session')
-def trained(tiny_data, tmp_path_factory):
-    "A run of the smoke preset on the tiny data: (models folder, run name)."
-    folder = tmp_path_factory.mktemp('trained')
-    result = run_cli('train', '--config', ROOT/'conf'/'smoke.yaml', '--data.data_dir', tiny_data,
-                     '--data.subset', 'null', '--training.models_dir', folder/'models',
-                     '--logging.tracking_uri', f'sqlite:///{folder}/mlflow.db', '--logging.run_name', 'small',
-                     cwd=folder)
-    assert result.returncode == 0, result.stderr
-    return folder/'models', 'small'
-
-
-@pytest.fixture(scope='session')
-def picture(data_dir):
-    "A function of `index`, `size`, `format`, `mode`: that test image of the real data, resized, as a file's bytes."
-    images, _ = load_split(data_dir, 'test')
-    def encode(index: int, size=(32, 32), format='PNG', mode='RGB') -> bytes:
-        image = Image.fromarray(np.array(images[index]).transpose(1, 2, 0)).resize(size).convert(mode)
-        buffer = io.BytesIO(); image.save(buffer, format); return buffer.getvalue()
-    return encode
+from cifar10.data import CLASSES
+from cifar10.serve import wait_until_healthy
 
 
 def test_infer_a_folder_of_good_and_bad_pictures(trained, tmp_path, picture):
@@ -85,11 +64,9 @@ def export_checks(output: str) -> dict:
 
 def test_export_agrees_with_pytorch(trained, tiny_data):
     models, run = trained
-    exported = run_cli('export', '--checkpoint_name', run, '--models_dir', models, '--data_dir', tiny_data)
-    assert exported.returncode == 0, exported.stderr
-    checks = export_checks(exported.stdout)
-    assert checks['onnx'][0] == 1.0 and checks['onnx'][1] < 1e-3, exported.stdout  # float32: the same numbers
-    assert checks['openvino'][0] >= 0.97, exported.stdout  # bf16 where the CPU has it: close
+    checks = export_checks((models.parent/'export.txt').read_text())  # the float32 export the fixture made
+    assert checks['onnx'][0] == 1.0 and checks['onnx'][1] < 1e-3, checks  # float32: the same numbers
+    assert checks['openvino'][0] >= 0.97, checks  # bf16 where the CPU has it: close
     quantized = run_cli('export', '--checkpoint_name', run, '--models_dir', models, '--format', 'onnx-int8',
                         '--data_dir', tiny_data)
     assert quantized.returncode == 0, quantized.stderr
@@ -107,8 +84,6 @@ def test_export_agrees_with_pytorch(trained, tiny_data):
 
 def test_a_stale_export_is_refused(trained, tiny_data, tmp_path):
     models, run = trained
-    exported = run_cli('export', '--checkpoint_name', run, '--models_dir', models, '--data_dir', tiny_data)
-    assert exported.returncode == 0, exported.stderr
     copy = tmp_path/'models'/run
     copy.mkdir(parents=True)
     for name in ('last.ckpt', 'last.onnx'): (copy/name).write_bytes((models/run/name).read_bytes())
@@ -141,52 +116,18 @@ def multipart(files: dict) -> tuple[bytes, str]:
     return b'\r\n'.join(parts + [b'--XyZ--', b'']), 'multipart/form-data; boundary=XyZ'
 
 
-@contextlib.contextmanager
-def serving(models, run, log):
-    "`cifar10 serve` on a run, in its own process group on a free loopback port, output to `log`: (process, URL)."
-    port = free_port()
-    command = [CLI, 'serve', '--checkpoint_name', run, '--models_dir', str(models), '--port', str(port)]
-    with open(log, 'w') as output:  # a file, not a pipe: a server that writes a lot can't block on it
-        process = subprocess.Popen(command, env=cli_env(), stdout=output, stderr=subprocess.STDOUT,
-                                   start_new_session=True)  # its own process group, to be sure to stop it all
-    url = f'http://127.0.0.1:{port}'
-    try:
-        deadline = time.time() + 120
-        while not healthy(url):
-            if process.poll() is not None or time.time() > deadline:
-                pytest.fail(f'server did not start: {log.read_text()[-3000:]}')
-            time.sleep(0.2)
-        yield process, url
-    finally:
-        with contextlib.suppress(ProcessLookupError): os.killpg(process.pid, signal.SIGKILL)  # whatever is left
-        process.wait(timeout=30)
+def serve_flags(trained, backend='openvino', *more) -> list:
+    models, run = trained
+    return ['--checkpoint_name', run, '--models_dir', models, '--backend', backend, *more]
 
 
 @pytest.fixture(scope='module')
 def server(trained):
-    "The URL of `cifar10 serve` on the trained model."
-    models, run = trained
-    log = models.parent/'server.log'
-    with serving(models, run, log) as (process, url):
+    "The URL of `cifar10 serve` on the trained model's ONNX export, run by OpenVINO."
+    log = trained[0].parent/'server.log'
+    with cifar10_server(*serve_flags(trained), log=log) as (process, url):
         yield url
         assert process.poll() is None, f'the server died while being tested: {log.read_text()[-3000:]}'
-
-
-def test_sigterm_stops_every_server_process(trained, tmp_path):
-    "A service manager stops `cifar10 serve` with SIGTERM to its main process: the HTTP and model processes go too."
-    with serving(*trained, tmp_path/'server.log') as (process, url):
-        children = psutil.Process(process.pid).children(recursive=True)
-        assert children, 'expected LitServe to run HTTP and model processes'
-        process.terminate()
-        process.wait(timeout=60)
-        _, alive = psutil.wait_procs(children, timeout=30)
-        assert not alive, [p.cmdline() for p in alive]
-
-
-def healthy(url) -> bool:
-    try:
-        with urllib.request.urlopen(f'{url}/health', timeout=1) as response: return response.status == 200
-    except OSError: return False
 
 
 def test_server_classifies_single_batched_and_concurrent_requests(server, picture):
@@ -201,9 +142,9 @@ def test_server_classifies_single_batched_and_concurrent_requests(server, pictur
     assert [s['top_k'][0]['class'] for s in single] == [p['top_k'][0]['class'] for p in answer['predictions']]
     with ThreadPoolExecutor(32) as pool:  # arrive together, get batched, each gets its own answer back
         answers = list(pool.map(lambda i: request(f'{server}/predict', picture(i % 5), 'image/png'), range(96)))
-    assert all(s == 200 for s, _ in answers)
-    firsts = [a['predictions'][0]['top_k'][0]['class'] for _, a in answers[:5]]
-    assert firsts == [s['top_k'][0]['class'] for s in single]
+    assert [s for s, _ in answers] == [200] * 96
+    firsts = [a['predictions'][0]['top_k'][0]['class'] for _, a in answers]
+    assert firsts == [single[i % 5]['top_k'][0]['class'] for i in range(96)]
 
 
 BAD_REQUESTS = {
@@ -234,3 +175,96 @@ def test_server_listens_on_loopback_only(server):
     port = int(server.rsplit(':', 1)[1])
     listening = [c.laddr.ip for c in psutil.net_connections('tcp') if c.status == 'LISTEN' and c.laddr.port == port]
     assert listening and set(listening) == {'127.0.0.1'}, listening
+
+
+def metric(exposition: str, name: str) -> float:
+    "The value of the sample `name` (with its labels, as Prometheus writes them) in `exposition`; 0 if absent."
+    return next((float(line.rsplit(' ', 1)[1]) for line in exposition.splitlines() if line.startswith(name + ' ')), 0.0)
+
+
+def test_metrics_count_requests_statuses_batches_and_images(server, picture):
+    names = ['cifar10_requests_total{path="/predict",status="200"}',
+             'cifar10_requests_total{path="/predict",status="415"}', 'cifar10_images_classified_total',
+             'cifar10_batch_size_sum', 'cifar10_request_duration_seconds_count{path="/predict"}']
+    before = request(f'{server}/metrics', method='GET')[1]
+    for i in range(3): request(f'{server}/predict', picture(i), 'image/png')
+    request(f'{server}/predict', *multipart({f'{i}.png': picture(i) for i in range(4)}))
+    request(f'{server}/predict', b'{}', 'application/json')
+    after = request(f'{server}/metrics', method='GET')[1]
+    assert [metric(after, n) - metric(before, n) for n in names] == [4, 1, 7, 7, 5], after
+
+
+def test_docs_are_served_offline_with_a_schema_for_pictures(server):
+    status, schema = request(f'{server}/openapi.json', method='GET')
+    body = schema['paths']['/predict']['post']['requestBody']['content']
+    assert status == 200 and {'image/png', 'image/jpeg', 'application/octet-stream', 'multipart/form-data'} <= set(body)
+    assert body['multipart/form-data']['schema']['properties']['files']['items']['format'] == 'binary'
+    status, page = request(f'{server}/docs', method='GET')
+    assert status == 200 and '/swagger-ui/swagger-ui-bundle.js' in page and '://' not in page.replace(server, '')
+    assert request(f'{server}/swagger-ui/swagger-ui-bundle.js', method='GET')[0] == 200
+
+
+REPORT_MODULES = '''
+import atexit, json, os, sys, threading, time
+def report():  # every half second, which of these this process has imported
+    while True:
+        with open(os.path.join({folder!r}, f'{{os.getpid()}}.json'), 'w') as f:
+            json.dump([m for m in ('torch', 'lightning', 'mlflow', 'cifar10.serve') if m in sys.modules], f)
+        time.sleep(0.5)
+threading.Thread(target=report, daemon=True).start()
+'''
+
+
+def test_no_server_process_imports_torch_lightning_or_mlflow(trained, tmp_path, picture):
+    "Each process of `cifar10 serve --workers 2` (the supervisor and both workers) reports its `sys.modules`."
+    (tmp_path/'site').mkdir(); (tmp_path/'modules').mkdir()
+    (tmp_path/'site'/'sitecustomize.py').write_text(REPORT_MODULES.format(folder=str(tmp_path/'modules')))
+    port = free_port()
+    with open(tmp_path/'server.log', 'w') as log:
+        process = subprocess.Popen([CLI, 'serve', *serve_flags(trained, 'onnx', '--workers', '2'), '--port', str(port)],
+                                   env=cli_env(PYTHONPATH=str(tmp_path/'site')), stdout=log, stderr=subprocess.STDOUT,
+                                   start_new_session=True)
+    try:
+        assert wait_until_healthy(f'http://127.0.0.1:{port}/health', 180, process), (tmp_path/'server.log').read_text()
+        for i in range(4): assert request(f'http://127.0.0.1:{port}/predict', picture(i), 'image/png')[0] == 200
+        servers = [process.pid, *(p.pid for p in psutil.Process(process.pid).children(recursive=True)
+                                  if 'python' in p.name() or 'cifar10' in p.name())]
+        time.sleep(1.5)  # a report after the requests
+        reports = {pid: json.loads((tmp_path/'modules'/f'{pid}.json').read_text()) for pid in servers
+                   if (tmp_path/'modules'/f'{pid}.json').exists()}
+        assert sum(report == ['cifar10.serve'] for report in reports.values()) >= 3, reports  # supervisor, 2 workers
+        assert all(report in (['cifar10.serve'], []) for report in reports.values()), reports
+    finally:
+        process.send_signal(signal.SIGTERM)
+        process.wait(timeout=60)
+
+
+@pytest.mark.parametrize('attempt', range(5))
+def test_a_stop_is_one_line_and_ends_every_process(trained, tmp_path, attempt):
+    "SIGTERM (a service manager) or SIGINT to the process group (Ctrl-C), with one or two workers, five times."
+    stop, workers = [signal.SIGTERM, signal.SIGINT][attempt % 2], 1 + (attempt >= 3)
+    with cifar10_server(*serve_flags(trained, 'onnx', '--workers', workers), log=tmp_path/'server.log') as (process, _):
+        children = psutil.Process(process.pid).children(recursive=True)
+        assert len(children) >= workers - 1 + (workers > 1), children  # the workers (and a resource tracker)
+        if stop == signal.SIGINT: os.killpg(process.pid, stop)  # what Ctrl-C does: the whole process group
+        else: process.send_signal(stop)  # a service manager: the main process alone
+        assert process.wait(timeout=60) == 0
+        _, alive = psutil.wait_procs(children, timeout=30)
+        assert not alive, [p.cmdline() for p in alive]
+    lines = (tmp_path/'server.log').read_text().splitlines()
+    assert lines[0].startswith('serving small (onnx) at http://127.0.0.1:'), lines
+    assert lines[1:] == ['cifar10 serve: stopped'], lines
+
+
+def test_serve_reports_a_port_in_use_or_a_missing_export_in_one_line(trained, tmp_path):
+    models, run = trained
+    with socket.create_server(('127.0.0.1', 0)) as taken:
+        busy = subprocess.run([CLI, 'serve', *serve_flags(trained), '--port', str(taken.getsockname()[1])],
+                              env=cli_env(), capture_output=True, text=True, timeout=120)
+    (tmp_path/run).mkdir()
+    (tmp_path/run/'last.ckpt').write_bytes((models/run/'last.ckpt').read_bytes())  # a run not exported
+    missing = subprocess.run([CLI, 'serve', *serve_flags((tmp_path, run), 'onnx'), '--port', str(free_port())],
+                             env=cli_env(), capture_output=True, text=True, timeout=120)
+    for result, error in ((busy, 'Address already in use'), (missing, 'not exported yet; run cifar10 export')):
+        assert result.returncode == 1 and result.stdout == '' and len(result.stderr.splitlines()) == 1, result
+        assert result.stderr.startswith('cifar10 serve: error: ') and error in result.stderr, result.stderr
