@@ -27,8 +27,10 @@ setuptools.setup(
                  f'Programming Language :: Python :: {cfg["min_python"]}'],
     packages=setuptools.find_packages(include=[cfg['lib_path'], cfg['lib_path'] + '.*']),
     include_package_data=True,
+    package_data={cfg['lib_path']: ['static/*']},  # the page that `cifar10 serve` shows at /
     install_requires=shlex.split(cfg.get('requirements', '')),
-    extras_require={'dev': shlex.split(cfg.get('dev_requirements', ''))},
+    extras_require={'dev': shlex.split(cfg.get('dev_requirements', '')),
+                    'serve': shlex.split(cfg.get('serve_requirements', ''))},
     python_requires='>=' + cfg['min_python'],
     long_description=open('README.md', encoding='utf-8').read(),
     long_description_content_type='text/markdown',

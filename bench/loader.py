@@ -46,7 +46,8 @@ def main():
     images, labels = load_split(args.data_dir, 'train')
     torch.set_num_threads(2)
 
-    ours = DeviceLoader(images, labels, BATCH, shuffle=True, drop_last=True, augment=Augment(translate=4, flip=True))
+    ours = DeviceLoader(images, labels, BATCH, shuffle=True, drop_last=True,
+                        augment=Augment(translate=4, flip='random'))
     torchvision_pipeline = transforms.Compose([transforms.RandomCrop(32, padding=4), transforms.RandomHorizontalFlip(),
                                                transforms.ToTensor(), transforms.Normalize(MEAN, STD)])
     theirs = DataLoader(ArrayImages(images, labels, torchvision_pipeline), BATCH, shuffle=True, drop_last=True,

@@ -1,94 +1,126 @@
 """Training images per second: `cifar10 train`'s Lightning loop against a bare PyTorch loop.
 
-Both train the same network (the preset's), on the same `DeviceLoader` batches, with the same SGD
-optimizer, schedule and mixed precision. The Lightning side is the `Classifier` module under a `Trainer`
-set up as `fit` sets it up (MLflow logger, learning-rate monitor, progress bar), timed over its training
-batches only. The bare side is the plain `for` loop. Each side runs `--repeats` times, alternating, in
-this process; the figures are medians. The last line is `ratio: <lightning / bare>`.
+Both train the same network on the same `DeviceLoader` batches with the same optimizer, schedule,
+lookahead and precision. The Lightning side is the loop `cifar10 train` runs: `build_trainer` with
+`run_callbacks` (checkpoints, lookahead, epoch timer, learning-rate monitor), an MLflow logger on a
+temporary SQLite store, the progress bar as configured. It is timed from the start of training to its
+end, the epoch's checkpoint included. The bare side is a plain `for` loop over the same steps. Each
+side runs `--repeats` times, alternating, in this process; the figures are medians. The default is the
+small-model setting, where the loop's own cost shows most: FastNet of width 8, batches of 32, 300 steps,
+float32. Last line: `ratio: <lightning / bare>`.
 
-    python bench/overhead.py [--config conf/cpu.yaml] [--steps 20] [--repeats 3]
+    python bench/overhead.py [--config PRESET] [--width 8] [--batch_size 32] [--steps 300] [--repeats 5]
 """
 import argparse
 import statistics
 import tempfile
 import time
+import warnings
 from dataclasses import asdict
+from pathlib import Path
 
 import lightning as L
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.callbacks import Callback, LearningRateMonitor
-from lightning.pytorch.loggers import MLFlowLogger
 
 from cifar10.config import load_config
-from cifar10.trainer import AUTOCAST_DTYPES, Classifier, datamodule_for, device_settings, sgd_with_schedule
+from cifar10.model import FastNet
+from cifar10.trainer import (
+    AUTOCAST_DTYPES,
+    Classifier,
+    Lookahead,
+    build_trainer,
+    datamodule_for,
+    device_settings,
+    expected_warnings_silenced,
+    run_callbacks,
+    sgd_with_schedule,
+    start_tracking,
+)
 
 
-class TrainTimer(Callback):
-    "Times the training batches of the first epoch (validation, checkpoints and teardown excluded)."
-    def on_train_epoch_start(self, trainer, module):
-        if torch.cuda.is_available(): torch.cuda.synchronize()
-        self.start = time.perf_counter()
-    def on_train_epoch_end(self, trainer, module):
-        if torch.cuda.is_available(): torch.cuda.synchronize()
-        self.seconds = time.perf_counter() - self.start
+class TrainTimer(L.Callback):
+    "Times training, from its first step to its end (the epoch's checkpoint included)."
+    def on_train_start(self, trainer, module): self.start = time.perf_counter()
+    def on_train_end(self, trainer, module): self.seconds = time.perf_counter() - self.start
 
 
-def lightning_rate(cfg, steps: int, folder: str) -> float:
-    accelerator, precision, channels_last = device_settings(cfg.training)
+def lightning_rate(cfg, folder: Path) -> float:
+    "Images per second of `cifar10 train`'s loop."
+    _, precision, channels_last = device_settings(cfg.training)
+    L.seed_everything(cfg.training.seed, verbose=False)
     module = Classifier(asdict(cfg.model), asdict(cfg.training))
     if channels_last: module = module.to(memory_format=torch.channels_last)
-    timer = TrainTimer()
-    trainer = L.Trainer(max_epochs=1, limit_train_batches=steps, limit_val_batches=0, accelerator=accelerator,
-                        devices=1, precision=precision, logger=MLFlowLogger(tracking_uri=f'sqlite:///{folder}/m.db'),
-                        callbacks=[timer, LearningRateMonitor('step')], enable_checkpointing=False,
-                        log_every_n_steps=cfg.logging.log_every_n_steps, enable_model_summary=False,
-                        num_sanity_val_steps=0)
-    trainer.fit(module, datamodule=datamodule_for(cfg, precision, channels_last))
-    return steps * cfg.data.batch_size / timer.seconds
+    run = folder/f'run{time.perf_counter_ns()}'
+    logger = start_tracking(cfg, f'sqlite:///{folder}/mlflow.db', run, resume=False)
+    trainer = build_trainer(cfg, logger, [timer := TrainTimer(), *run_callbacks(cfg, run)], run)
+    with expected_warnings_silenced(): trainer.fit(module, datamodule=datamodule_for(cfg, precision, channels_last))
+    return trainer.global_step * cfg.data.batch_size / timer.seconds
 
 
-def bare_rate(cfg, steps: int) -> float:
+def bare_rate(cfg) -> float:
+    "Images per second of a plain loop doing the same work."
     accelerator, precision, channels_last = device_settings(cfg.training)
     device = 'cuda' if accelerator == 'gpu' else 'cpu'
+    L.seed_everything(cfg.training.seed, verbose=False)
     module = Classifier(asdict(cfg.model), asdict(cfg.training)).to(device)
     if channels_last: module = module.to(memory_format=torch.channels_last)
     datamodule = datamodule_for(cfg, precision, channels_last)
     datamodule.device = device
     datamodule.setup()
-    optimizer, schedule = sgd_with_schedule(module.net, cfg.training, len(datamodule.train_dataloader()))
+    loader = datamodule.train_dataloader()
+    total = len(loader) * cfg.training.max_epochs
+    optimizer, schedule = sgd_with_schedule(module.net, cfg.training, total, cfg.data.batch_size)
+    lookahead, every = Lookahead(cfg.training.lookahead_every or 1), cfg.training.lookahead_every
+    lookahead.average = [o.detach().clone() for o in Lookahead.tensors(module.net)]
     dtype = AUTOCAST_DTYPES.get(precision)
     module.train()
-    batches = iter(datamodule.train_dataloader())
     if device == 'cuda': torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _, (images, labels) in zip(range(steps), batches):
-        with torch.autocast(device, dtype=dtype or torch.float32, enabled=dtype is not None):
-            loss = F.cross_entropy(module.net(images), labels, label_smoothing=cfg.training.label_smoothing)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step(); schedule.step()
+    start, step = time.perf_counter(), 0
+    for epoch in range(cfg.training.max_epochs):
+        for images, labels in loader:
+            with torch.autocast(device, dtype=dtype or torch.float32, enabled=dtype is not None):
+                loss = F.cross_entropy(module.net(images), labels, label_smoothing=cfg.training.label_smoothing)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if isinstance(module.net, FastNet) and epoch >= cfg.training.whiten_bias_epochs:
+                module.net.stem.bias.grad = None
+            optimizer.step(); schedule.step()
+            step += 1
+            if every and step % every == 0: lookahead.pull(module.net, 0.95 ** every * (step / total) ** 3)
     if device == 'cuda': torch.cuda.synchronize()
-    return steps * cfg.data.batch_size / (time.perf_counter() - start)
+    return step * cfg.data.batch_size / (time.perf_counter() - start)
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument('--config', default='conf/cpu.yaml')
+    parser.add_argument('--config', default=None, help='a preset (default: the embedded defaults, as cifar10 train)')
     parser.add_argument('--data_dir', default='data')
-    parser.add_argument('--steps', type=int, default=20)
-    parser.add_argument('--repeats', type=int, default=3)
+    parser.add_argument('--width', type=int, default=8)
+    parser.add_argument('--batch_size', type=int, default=32)
+    parser.add_argument('--steps', type=int, default=300, help='steps per run: one epoch of that many batches')
+    parser.add_argument('--precision', default='32-true')
+    parser.add_argument('--repeats', type=int, default=5)
+    parser.add_argument('--progress_bar', default='true', choices=['true', 'false'])
     args = parser.parse_args()
-    cfg = load_config(args.config, {'data': {'data_dir': args.data_dir}, 'logging': {'progress_bar': True}})
+    warnings.filterwarnings('ignore', message='.*does not have many workers')
+    cfg = load_config(args.config, {
+        'data': {'data_dir': args.data_dir, 'batch_size': args.batch_size, 'subset': args.batch_size * args.steps,
+                 'val_size': 0},
+        'model': {'width': args.width},
+        'training': {'max_epochs': 1, 'precision': args.precision, 'warmup_epochs': 0.2},
+        'logging': {'progress_bar': args.progress_bar == 'true'}})
     rates = {'lightning': [], 'bare': []}
     with tempfile.TemporaryDirectory() as folder:
-        bare_rate(cfg, 3); lightning_rate(cfg, 3, folder)  # warm up both paths (allocator, kernels)
+        bare_rate(cfg); lightning_rate(cfg, Path(folder))  # warm up both paths (allocator, kernels, imports)
         for _ in range(args.repeats):
-            rates['lightning'].append(lightning_rate(cfg, args.steps, folder))
-            rates['bare'].append(bare_rate(cfg, args.steps))
+            rates['lightning'].append(lightning_rate(cfg, Path(folder)))
+            rates['bare'].append(bare_rate(cfg))
     medians = {name: statistics.median(values) for name, values in rates.items()}
     for name, values in rates.items():
         print(f'{name:9s} {medians[name]:8.0f} images/s (runs: {", ".join(f"{v:.0f}" for v in values)})')
+    print(f'per step: lightning {1e3 * args.batch_size / medians["lightning"]:.2f} ms, '
+          f'bare {1e3 * args.batch_size / medians["bare"]:.2f} ms')
     print(f'ratio: {medians["lightning"] / medians["bare"]:.3f}')
 
 

@@ -8,18 +8,17 @@ from __future__ import annotations
 import json
 import os
 import sys
-from typing import Literal, Optional
+from typing import Optional
 
 from jsonargparse import ArgumentParser, Namespace
-from jsonargparse.typing import PositiveInt, restricted_number_type
 
 import cifar10
-from .config import BACKENDS, EXPORT_FORMATS, UserError, config_from_namespace, config_parser
-from .data import ARCHIVE_URL, atomic_path
+from .config import (ExportSettings, InferSettings, ServeSettings, SweepConfig, UserError, add_settings_flags,
+                            config_from_namespace, config_parser, settings_from_namespace)
 
 # %% auto #0
-__all__ = ['COMMANDS', 'data_parser', 'run_data', 'train_parser', 'run_train', 'model_flags', 'infer_parser', 'run_infer',
-           'export_parser', 'run_export', 'serve_parser', 'run_serve', 'build_parser', 'main']
+__all__ = ['COMMANDS', 'data_parser', 'run_data', 'train_parser', 'run_train', 'infer_parser', 'run_infer', 'export_parser',
+           'run_export', 'serve_parser', 'run_serve', 'sweep_parser', 'run_sweep', 'build_parser', 'main']
 
 # %% ../nbs/05_cli.ipynb #a70f86d6
 def data_parser() -> ArgumentParser:
@@ -30,14 +29,15 @@ def data_parser() -> ArgumentParser:
                         help='a local cifar-10-python.tar.gz (default: $CIFAR10_ARCHIVE, else the official download)')
     parser.add_argument('--sha256', type=Optional[str], default=None, help='the sha256 the local archive must have')
     parser.add_argument('--data_dir', type=str, default='data', help='where to write train/ and test/')
-    parser.add_argument('--url', type=str, default=ARCHIVE_URL,
-                        help='where to download the archive from; a mirror must serve the official file (md5 checked)')
+    parser.add_argument('--url', type=Optional[str], default=None,
+                        help='where to download the archive from (default: the official address); a mirror must '
+                             'serve the official file (md5 checked)')
     return parser
 
 def run_data(args: Namespace):
     "Get, check and convert the archive."
-    from cifar10.data import convert_archive, find_archive
-    archive = find_archive(args.archive, args.sha256, url=args.url)
+    from cifar10.data import ARCHIVE_URL, convert_archive, find_archive
+    archive = find_archive(args.archive, args.sha256, url=args.url or ARCHIVE_URL)
     for split, folder in convert_archive(archive, args.data_dir).items(): print(f'{split}: {folder}')
 
 # %% ../nbs/05_cli.ipynb #7c76a0fc
@@ -51,76 +51,62 @@ def train_parser() -> ArgumentParser:
 
 def run_train(args: Namespace):
     "Train (or resume), then say where everything went."
-    from cifar10.trainer import fit, run_config
+    from cifar10.trainer import fit, run_config, source_tags
     cfg = run_config(args.resume, config_from_namespace(args))
-    run = fit(cfg, resume=bool(args.resume))
+    presets = ', '.join(map(str, args.config or []))  # the --config files read, in order
+    run = fit(cfg, resume=bool(args.resume), tags=source_tags('cifar10 train', presets))
+    if run is None: return  # another rank of a data-parallel run: rank 0 reports
     print(f'run {run.name}: test accuracy {run.test_metrics["test/acc"]:.4f}, '
           f'cross-entropy {run.test_metrics["test/loss"]:.4f}')
-    print(f'checkpoints: {run.folder}/last.ckpt (final), {run.folder}/best.ckpt (best validation accuracy)')
-    print(f'MLflow run {run.run_id} at {run.tracking_uri}, model {cfg.logging.registered_model} '
-          f'version {run.model_version}')
+    best = f', {run.folder}/best.ckpt (best validation accuracy)' if (run.folder/'best.ckpt').exists() else ''
+    print(f'checkpoints: {run.folder}/last.ckpt (final){best}')
+    print(f'MLflow run {run.run_id} at {run.tracking_uri}')
+    print(run.champion)
 
 # %% ../nbs/05_cli.ipynb #b81f7bc2
-def model_flags(parser: ArgumentParser, backend: bool = True):
-    "The flags that choose a model: `--checkpoint_name`, `--models_dir` and, for running it, `--backend`, `--device`."
-    parser.add_argument('--checkpoint_name', type=str, required=True,
-                        help='a run in models/ (its final weights), RUN/best, a .ckpt or .onnx path, '
-                             'or models:/NAME/VERSION')
-    parser.add_argument('--models_dir', type=str, default='models', help='where checkpoint names are looked up')
-    if backend:
-        parser.add_argument('--backend', type=Literal[BACKENDS], default='torch',
-                            help='run the model with PyTorch, or its ONNX export (see cifar10 export) with ONNX '
-                                 'Runtime or OpenVINO')
-        parser.add_argument('--device', type=str, default='cpu', help='for the torch backend: cpu, cuda, ...')
-
 def infer_parser() -> ArgumentParser:
-    "Flags of `cifar10 infer`."
+    "Flags of `cifar10 infer`: the pictures, then `InferSettings`."
     parser = ArgumentParser(description='Classify pictures with a trained model, or evaluate it on the test split.',
                             allow_abbrev=False)
-    parser.add_argument('paths', nargs='*', type=str, help='image files or folders; none: evaluate on the test split')
-    model_flags(parser)
-    parser.add_argument('--top_k', type=PositiveInt, default=3, help='how many classes to report per picture')
-    parser.add_argument('--output', type=Optional[str], default=None,
-                        help='also write the results here: .csv or .json (predictions), .json (test metrics)')
-    parser.add_argument('--data_dir', type=str, default='data', help='where `cifar10 data` wrote the test split')
+    parser.add_argument('paths', nargs='*', type=str, default=[],
+                        help='image files or folders; none: evaluate on the test split')
+    add_settings_flags(parser, InferSettings)
     return parser
 
 def run_infer(args: Namespace):
     "Classify the pictures, or evaluate on the test split."
     from cifar10.infer import evaluate_split, load_predictor, predict_files, write_predictions
-    predictor = load_predictor(args.checkpoint_name, args.models_dir, args.backend, args.device)
+    settings = settings_from_namespace(InferSettings, args)
+    predictor = load_predictor(settings)
     if not args.paths:
-        metrics = evaluate_split(predictor, args.data_dir)
-        print(f'{args.checkpoint_name}: accuracy {metrics["accuracy"]:.4f}, '
+        metrics = evaluate_split(predictor, settings.data_dir)
+        print(f'{settings.checkpoint_name}: accuracy {metrics["accuracy"]:.4f}, '
               f'cross-entropy {metrics["cross_entropy"]:.4f} on {metrics["images"]} test images')
-        if args.output:
-            with atomic_path(args.output) as tmp: tmp.write_text(json.dumps(metrics, indent=2) + '\n')
+        if settings.output:
+            from cifar10.data import atomic_path
+            with atomic_path(settings.output) as tmp: tmp.write_text(json.dumps(metrics, indent=2) + '\n')
         return
-    records = predict_files(predictor, args.paths, args.top_k)
+    records = predict_files(predictor, args.paths, settings.top_k)
     for r in records:
         print(f'{r["path"]}\t' + (f'error: {r["error"]}' if 'error' in r else
                                    ' '.join(f'{o["class"]}:{o["probability"]:.3f}' for o in r['top_k'])))
-    if args.output: write_predictions(records, args.output)
+    if settings.output: write_predictions(records, settings.output)
     if failed := sum('error' in r for r in records):
         print(f'cifar10 infer: {failed} of {len(records)} inputs could not be classified', file=sys.stderr)
         sys.exit(1)
 
 # %% ../nbs/05_cli.ipynb #4a52eb5d
 def export_parser() -> ArgumentParser:
-    "Flags of `cifar10 export`."
+    "Flags of `cifar10 export`: `ExportSettings`."
     parser = ArgumentParser(description='Export a checkpoint to ONNX for fast CPU inference, and check it agrees '
                                         'with PyTorch on the test split.', allow_abbrev=False)
-    model_flags(parser, backend=False)
-    parser.add_argument('--format', type=Literal[EXPORT_FORMATS], default='onnx',
-                        help='float32 ONNX, or int8 ONNX calibrated on training images')
-    parser.add_argument('--data_dir', type=str, default='data',
-                        help='the test split for the check, training images for calibration')
+    add_settings_flags(parser, ExportSettings)
     return parser
 
 def run_export(args: Namespace):
     "Export and check."
     from cifar10.export import export_checkpoint
-    path, checks = export_checkpoint(args.checkpoint_name, args.format, args.models_dir, args.data_dir)
+    path, checks = export_checkpoint(settings_from_namespace(ExportSettings, args))
     print(f'wrote {path}')
     for backend, check in checks.items():
         print(f'--backend {backend}, on {check["images"]} test images: top-1 agreement with PyTorch '
@@ -129,45 +115,57 @@ def run_export(args: Namespace):
 
 # %% ../nbs/05_cli.ipynb #aad1294b
 def serve_parser() -> ArgumentParser:
-    "Flags of `cifar10 serve`."
-    parser = ArgumentParser(description='Serve a model over HTTP: POST /predict with an image body or multipart '
-                                        'image files; GET /health.', allow_abbrev=False)
-    model_flags(parser)
-    parser.add_argument('--host', type=Literal['127.0.0.1', '0.0.0.0', '::'], default='127.0.0.1',
-                        help='listen on loopback (the default) or on every interface (0.0.0.0, :: for IPv6)')
-    parser.add_argument('--port', type=restricted_number_type('Port', int, [('>=', 1024), ('<=', 65535)]),
-                        default=8000, help='port to listen on, 1024-65535')
-    parser.add_argument('--workers', type=PositiveInt, default=1, help='model worker processes')
-    parser.add_argument('--api_servers', type=PositiveInt, default=1,
-                        help='HTTP server processes (they parse and decode the requests)')
-    parser.add_argument('--threads', type=int, default=0, help='threads per worker, ONNX backends (0: their choice)')
-    parser.add_argument('--max_batch_size', type=PositiveInt, default=64,
-                        help='requests answered by one forward pass, at most')
-    parser.add_argument('--batch_timeout', type=float, default=0.002,
-                        help='seconds a request may wait for others to batch with')
-    parser.add_argument('--top_k', type=PositiveInt, default=3, help='classes returned per image')
+    "Flags of `cifar10 serve`: `ServeSettings`."
+    parser = ArgumentParser(description='Serve a model over HTTP: a page to classify pictures at /, POST /predict '
+                                        '(an image body or multipart image files), /docs, /metrics, /health.',
+                            allow_abbrev=False)
+    add_settings_flags(parser, ServeSettings)
     return parser
 
 def run_serve(args: Namespace):
-    "Serve until interrupted."
+    "Serve until stopped."
     from cifar10.serve import serve
-    print(f'serving {args.checkpoint_name} ({args.backend}) on http://{args.host}:{args.port}/predict', flush=True)
-    serve(args.checkpoint_name, args.host, args.port, args.api_servers, models_dir=args.models_dir,
-          backend=args.backend, workers=args.workers, max_batch_size=args.max_batch_size,
-          batch_timeout=args.batch_timeout, top_k=args.top_k, device=args.device, threads=args.threads)
+    serve(settings_from_namespace(ServeSettings, args))
+
+# %% ../nbs/05_cli.ipynb #7285a4da
+def sweep_parser() -> ArgumentParser:
+    "Flags of `cifar10 sweep`: the configuration every trial starts from, and the search (`--sweep.*`)."
+    parser = config_parser(description='Search hyperparameters with Optuna: train trials of a study that any number '
+                                       'of workers share, judge them on held-out training images, and write the '
+                                       'best configuration as a preset.')
+    add_settings_flags(parser.add_argument_group(f'sweep: {SweepConfig.__doc__}'), SweepConfig, 'sweep.')
+    return parser
+
+def run_sweep(args: Namespace):
+    "Run this worker's trials, then say how the study stands."
+    from cifar10.sweep import sweep
+    from cifar10.trainer import source_tags
+    settings = settings_from_namespace(SweepConfig, args.sweep)
+    presets = ', '.join(map(str, args.config or []))  # the --config files read, in order
+    result = sweep(config_from_namespace(args), settings, tags=source_tags('cifar10 sweep', presets))
+    states = [t.state.name.lower() for t in result.trials]
+    print(f'study {result.study}: this worker ran {len(states)} trials '
+          f'({states.count("complete")} finished, {states.count("pruned")} pruned)')
+    if result.best is None: print('no trial of the study has finished yet: no preset written')
+    else:
+        print(f'best so far: trial {result.best.number}, {settings.metric} {result.best.value:.4f}; '
+              f'its configuration: {result.preset} (cifar10 train --config {result.preset})')
+    print(f'MLflow parent run {result.parent_run_id}')
 
 # %% ../nbs/05_cli.ipynb #7c462a91
 COMMANDS = {'data': (data_parser, run_data, 'get, check and convert CIFAR-10 into data/'),
             'train': (train_parser, run_train, 'train a model and track it in MLflow'),
             'infer': (infer_parser, run_infer, 'classify pictures, or evaluate on the test split'),
             'export': (export_parser, run_export, 'export a checkpoint to ONNX (float32 or int8)'),
-            'serve': (serve_parser, run_serve, 'serve a model over HTTP')}
+            'serve': (serve_parser, run_serve, 'serve a model over HTTP'),
+            'sweep': (sweep_parser, run_sweep, 'search hyperparameters with Optuna, in a study many workers share')}
 
 def build_parser() -> ArgumentParser:
     "The `cifar10` parser with every subcommand."
     parser = ArgumentParser(prog='cifar10', description='Train, track, version and serve a CIFAR-10 classifier.')
     parser.add_argument('--version', action='version', version=f'%(prog)s {cifar10.__version__}')
-    subcommands = parser.add_subcommands(dest='command')
+    subcommands = parser.add_subcommands(dest='command', title='commands', help='',  # no stray "(required)"
+                                         description='`cifar10 COMMAND --help` lists the flags of each.')
     for name, (make_parser, _, summary) in COMMANDS.items():
         subcommands.add_subcommand(name, make_parser(), help=summary)
     return parser

@@ -5,20 +5,22 @@
 # %% ../nbs/01a_config.ipynb #b16f7c87
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Literal, Optional, get_args, get_type_hints
 
 import yaml
 from fastcore.docments import docments
 from jsonargparse import ActionConfigFile, ArgumentError, ArgumentParser
-from jsonargparse.typing import (ClosedUnitInterval, NonNegativeFloat, NonNegativeInt, OpenUnitInterval, PositiveFloat,
-                                 PositiveInt)
+from jsonargparse.typing import (ClosedUnitInterval, NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt,
+                                 restricted_number_type)
 
 # %% auto #0
-__all__ = ['SECTIONS', 'BACKENDS', 'EXPORT_FORMATS', 'DataConfig', 'ModelConfig', 'TrainingConfig', 'LoggingConfig', 'Config',
-           'UserError', 'ConfigError', 'config_parser', 'read_yaml', 'config_from_namespace', 'check_config',
-           'load_config', 'config_to_yaml', 'flat_params']
+__all__ = ['SECTIONS', 'BACKENDS', 'EXPORT_FORMATS', 'Port', 'DataConfig', 'ModelConfig', 'TrainingConfig', 'LoggingConfig',
+           'Config', 'field_comments', 'add_settings_flags', 'UserError', 'ConfigError', 'config_parser', 'read_yaml',
+           'config_from_namespace', 'check_config', 'load_config', 'config_to_yaml', 'flat_params', 'CheckpointError',
+           'tta_level', 'ModelDescription', 'ModelSource', 'PredictorSettings', 'InferSettings', 'ExportSettings',
+           'ServeSettings', 'settings_from_namespace', 'SweepConfig']
 
 # %% ../nbs/01a_config.ipynb #1de5a5bf
 @dataclass
@@ -27,10 +29,12 @@ class DataConfig:
     data_dir: str = 'data'  # where `cifar10 data` wrote train/ and test/
     batch_size: PositiveInt = 1024  # training images per step
     eval_batch_size: PositiveInt = 2048  # images per validation and test step
-    val_size: NonNegativeInt = 0  # training images held out for validation (0: validate on the test set)
-    subset: Optional[PositiveInt] = None  # use only this many random images of each split (quick runs)
+    val_size: NonNegativeInt = 0  # training images held out for validation (0: none, no epoch is chosen)
+    subset: Optional[PositiveInt] = None  # use only this many images of each split (a fixed random choice)
     translate: NonNegativeInt = 2  # random shift of training images, in pixels (0: none)
-    flip: bool = True  # mirror half the training images
+    # mirror half the training images: a fixed random half in even epochs and the other half in odd ones
+    # (alternating), or a new random half every epoch (random)
+    flip: Literal['alternating', 'random', 'none'] = 'alternating'
     cutout: NonNegativeInt = 0  # side of a square hidden in each training image (0: none)
 
 @dataclass
@@ -43,18 +47,27 @@ class ModelConfig:
 class TrainingConfig:
     "How to train: optimizer, schedule, precision, where checkpoints go."
     max_epochs: PositiveInt = 12  # passes over the training images
-    lr: PositiveFloat = 2.0  # peak learning rate of SGD (per image, as the loss is a batch mean)
+    lr: PositiveFloat = 11.5  # peak step size per 1024 images, independent of momentum (decoupled)
     momentum: ClosedUnitInterval = 0.85  # SGD momentum (Nesterov)
-    weight_decay: NonNegativeFloat = 5e-4  # L2 penalty on convolution and linear weights (not on norms or biases)
-    warmup_epochs: NonNegativeFloat = 1.0  # linear warm-up to `lr`, then linear decay to zero
+    weight_decay: NonNegativeFloat = 0.0153  # decay per 1024 images, independent of lr (not of norms or biases)
+    bias_lr_scale: PositiveFloat = 64.0  # the batch norms' biases step this many times faster (and decay no faster)
+    norm_scales: bool = False  # learn the batch norms' scales too (default: only their biases)
+    warmup_epochs: NonNegativeFloat = 2.0  # linear warm-up to `lr`, then linear decay to zero
     label_smoothing: ClosedUnitInterval = 0.2  # of the training cross-entropy
-    ema_decay: Optional[OpenUnitInterval] = None  # if set, evaluate and save a moving average of the weights
-    tta: bool = True  # average the predictions for each test image and its mirror image
+    lookahead_every: NonNegativeInt = 5  # steps between pulls of the weights to their moving average (0: never)
+    whiten_bias_epochs: NonNegativeInt = 3  # epochs in which FastNet's whitening biases learn; then they are fixed
+    val_every_n_epochs: Optional[PositiveInt] = None  # validate every n epochs (default: after the last only)
+    # test-time augmentation: average the logits of each image and its mirror image (mirror), and of both
+    # shifted by a pixel (mirror_translate); see the model chapter
+    tta: Literal['none', 'mirror', 'mirror_translate'] = 'mirror_translate'
     precision: Literal['auto', '32-true', 'bf16-mixed', '16-mixed'] = 'auto'  # auto: bf16-mixed where fast, else 32
     accelerator: Literal['auto', 'cpu', 'gpu', 'cuda', 'mps'] = 'auto'  # where to train (auto: a GPU if there is one)
     channels_last: Optional[bool] = None  # memory layout of images and weights (default: with bf16)
     seed: int = 0  # seeds weights, shuffles and augmentations
     models_dir: str = 'models'  # checkpoints go to models_dir/<run name>/
+    devices: PositiveInt = 1  # processes per machine, one per GPU; each takes data.batch_size / (devices × num_nodes)
+    num_nodes: PositiveInt = 1  # machines, each started with torchrun or srun (one machine: `fit` starts them)
+    strategy: Literal['auto', 'ddp'] = 'auto'  # auto: DDP (distributed data-parallel) with more than one process
 
 @dataclass
 class LoggingConfig:
@@ -74,6 +87,19 @@ class Config:
     training: TrainingConfig = field(default_factory=TrainingConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
+# %% ../nbs/01a_config.ipynb #c6a50cff
+def field_comments(cls) -> dict:
+    "The comment of each field of dataclass `cls`, its base classes' fields included."
+    comments = [docments(base) for base in reversed(cls.__mro__) if is_dataclass(base)]
+    return {k: v for c in comments for k, v in c.items() if v is not None}  # a subclass has None for its bases'
+
+def add_settings_flags(parser: ArgumentParser, cls, prefix: str = ''):
+    "A flag `--{prefix}{field}` for each field of dataclass `cls`, with its type, default and comment."
+    types, comments = get_type_hints(cls), field_comments(cls)
+    for f in fields(cls):
+        default = {'required': True} if f.default is MISSING else {'default': f.default}
+        parser.add_argument(f'--{prefix}{f.name}', type=types[f.name], help=comments.get(f.name), **default)
+
 # %% ../nbs/01a_config.ipynb #a618fc41
 class UserError(Exception):
     "Bad input from the user; the message says what is wrong, where, and what to do."
@@ -90,11 +116,8 @@ def config_parser(**kwargs) -> ArgumentParser:
     parser = ArgumentParser(allow_abbrev=False, **kwargs)
     parser.add_argument('--config', action=ActionConfigFile, help='a YAML file of settings, e.g. conf/cpu.yaml')
     for section, cls in SECTIONS.items():
-        group = parser.add_argument_group(f'{section}: {cls.__doc__}')
-        types, comments = get_type_hints(cls), docments(cls)
-        for f in fields(cls):
-            group.add_argument(f'--{section}.{f.name}', type=types[f.name], default=f.default,
-                               help=comments.get(f.name))
+        group = parser.add_argument_group(f'{section}: {cls.__doc__.rstrip(".")}')  # argparse appends the colon
+        add_settings_flags(group, cls, f'{section}.')
     return parser
 
 # %% ../nbs/01a_config.ipynb #fedf7381
@@ -132,6 +155,10 @@ def check_config(cfg: Config) -> Config:
     if d.subset and d.batch_size > d.subset - d.val_size:
         raise ConfigError(f'data.batch_size: {d.batch_size} is more than the {d.subset - d.val_size} training images '
                           'of the subset; with incomplete batches dropped, no step would be taken')
+    processes = cfg.training.devices * cfg.training.num_nodes
+    if d.batch_size % processes:
+        raise ConfigError(f'data.batch_size: {d.batch_size} does not divide among the {processes} processes of '
+                          f'training.devices × training.num_nodes; choose a multiple of {processes}')
     name = cfg.logging.run_name
     if name is not None and (not name or name.startswith('.') or '/' in name or '\\' in name):
         raise ConfigError(f'logging.run_name: {name!r} must be a plain folder name (no slashes, not starting '
@@ -159,3 +186,106 @@ def config_to_yaml(cfg: Config) -> str:
 def flat_params(cfg: Config) -> dict:
     "`cfg` as `{'section.key': value}`, the names MLflow shows."
     return {f'{section}.{key}': value for section, values in asdict(cfg).items() for key, value in values.items()}
+
+# %% ../nbs/01a_config.ipynb #21ed808e
+class CheckpointError(UserError):
+    "A model file that cannot be found or loaded; the message says which, and what exists."
+
+def tta_level(value: bool | str) -> str:
+    "`value` as a test-time augmentation level; older runs stored a bool (`True`: mirror)."
+    if isinstance(value, bool): return 'mirror' if value else 'none'
+    return value
+
+def _not_a_description(source: str, e: Exception) -> CheckpointError:
+    return CheckpointError(f'{source}: not a model of cifar10 train, or of another version of it '
+                           f'({type(e).__name__}: {e})')
+
+@dataclass
+class ModelDescription:
+    "What inference needs besides the weights, and where the model came from."
+    model: ModelConfig  # the network: architecture and width
+    classes: tuple  # the name of each output, in order
+    mean: tuple  # per-channel mean of the training pixels (0..1); inputs are normalized with it
+    std: tuple  # per-channel standard deviation, likewise
+    tta: str = 'none'  # the test-time augmentation the run was tested with (`training.tta`)
+    checkpoint_sha256: Optional[str] = None  # of an export: the checkpoint it was made from
+    source: Optional[str] = None  # where it was loaded from: a file or a registry URI
+
+    @classmethod
+    def from_dict(cls, values: dict, source: str) -> ModelDescription:
+        "The description that `as_dict` (or an older version) wrote into `values`, read from `source`."
+        try:
+            return cls(**{**values, 'model': ModelConfig(**values['model']), 'classes': tuple(values['classes']),
+                          'mean': tuple(values['mean']), 'std': tuple(values['std']),
+                          'tta': tta_level(values.get('tta', 'none')), 'source': source})
+        except (KeyError, TypeError) as e: raise _not_a_description(source, e) from None
+
+    @classmethod
+    def from_hparams(cls, hparams: dict, source: Optional[str] = None) -> ModelDescription:
+        "The description of a network the trainer built from `hparams` (a checkpoint's hyperparameters)."
+        try: values = {k: hparams[k] for k in ('model', 'classes', 'mean', 'std')}
+        except (KeyError, TypeError) as e: raise _not_a_description(source, e) from None
+        return cls.from_dict({**values, 'tta': hparams.get('training', {}).get('tta', 'none')}, source)
+
+    def as_dict(self) -> dict:
+        "What model files and the registry store: plain JSON and YAML values, without `source`."
+        lists = {'classes': list(self.classes), 'mean': list(self.mean), 'std': list(self.std)}
+        return {**{k: v for k, v in asdict(self).items() if k != 'source'}, **lists}
+
+# %% ../nbs/01a_config.ipynb #f18ebefa
+Port = restricted_number_type('Port', int, [('>=', 1024), ('<=', 65535)])  # one a user may listen on
+
+@dataclass
+class ModelSource:
+    "Which trained model."
+    checkpoint_name: str  # a run in models_dir, RUN/best, a .ckpt or .onnx file, models:/NAME/VERSION or @champion
+    models_dir: str = 'models'  # where checkpoint names are looked up
+
+@dataclass
+class PredictorSettings(ModelSource):
+    "How to run it."
+    backend: Literal[BACKENDS] = 'torch'  # PyTorch, or the ONNX export on ONNX Runtime or OpenVINO
+    device: str = 'cpu'  # for the torch backend: cpu, cuda, ...
+    threads: NonNegativeInt = 0  # threads of the ONNX backends (0: their choice, one per core)
+    top_k: PositiveInt = 3  # how many classes to report per picture
+
+@dataclass
+class InferSettings(PredictorSettings):
+    "What to do with the results."
+    output: Optional[str] = None  # also write them here: .csv or .json; test metrics: .json
+    data_dir: str = 'data'  # where `cifar10 data` wrote the test split
+
+@dataclass
+class ExportSettings(ModelSource):
+    "What to export."
+    format: Literal[EXPORT_FORMATS] = 'onnx'  # float32, or int8 calibrated on training images
+    data_dir: str = 'data'  # the test split for the check, training images for calibration
+    calibration_size: PositiveInt = 512  # training images that calibrate the int8 ranges
+
+@dataclass
+class ServeSettings(PredictorSettings):
+    "How to serve it."
+    host: Literal['127.0.0.1', '0.0.0.0', '::'] = '127.0.0.1'  # loopback, or every interface
+    port: Port = 8000  # port to listen on, 1024-65535
+    workers: PositiveInt = 1  # server processes, each with its own copy of the model
+    max_batch_size: PositiveInt = 64  # images classified by one forward pass, at most
+    batch_timeout: NonNegativeFloat = 0.0  # seconds a request may wait for others to batch with
+
+# %% ../nbs/01a_config.ipynb #792fa144
+def settings_from_namespace(cls, namespace):
+    "The `cls` that the flags of `add_settings_flags(parser, cls)` parsed into `namespace`."
+    return cls(**{f.name: _plain(namespace[f.name]) for f in fields(cls)})
+
+# %% ../nbs/01a_config.ipynb #f080a58f
+@dataclass
+class SweepConfig:
+    "A hyperparameter search: the settings to try, what judges them, and the study that workers share."
+    space: dict  # `section.key` -> {low, high} (and log, step), or a list of choices
+    study: str = 'cifar10-sweep'  # the Optuna study: every worker that names it, in the same storage, joins it
+    storage: Optional[str] = None  # Optuna's database (default sqlite:///optuna.db); postgresql://... for many machines
+    trials: PositiveInt = 10  # how many trials this worker runs
+    metric: Literal['val/acc', 'val/loss'] = 'val/acc'  # what judges a trial: measured on held-out training images
+    pruning: bool = True  # stop a trial whose metric at an epoch is worse than the median of earlier trials there
+    startup_trials: NonNegativeInt = 2  # trials that finish before any is pruned
+    seed: Optional[int] = None  # seeds the sampler, for a repeatable sweep by one worker
+    output: Optional[str] = None  # where the best trial's settings go, a preset (default: conf/best-<study>.yaml)

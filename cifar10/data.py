@@ -28,10 +28,10 @@ from .config import UserError
 
 # %% auto #0
 __all__ = ['CLASSES', 'SPLIT_SIZES', 'BATCHES', 'ARCHIVE_URL', 'ARCHIVE_MD5', 'ARCHIVE_FOLDER', 'MEAN', 'STD', 'MAX_MEMBER_BYTES',
-           'MEAN_PIXEL', 'DataError', 'atomic_path', 'cache_dir', 'file_digest', 'download', 'find_archive',
+           'MEAN_PIXEL', 'FLIPS', 'DataError', 'atomic_path', 'cache_dir', 'file_digest', 'download', 'find_archive',
            'BatchUnpickler', 'py2_pickle', 'synthetic_batches', 'write_archive', 'read_archive', 'check_batch',
            'check_split', 'check_meta', 'archive_splits', 'convert_archive', 'load_split', 'show_images',
-           'show_classes', 'shift_flip_sources', 'random_shift_flip', 'random_cutout', 'Augment', 'normalize',
+           'show_classes', 'shift_flip_sources', 'shift_mirror', 'random_cutout', 'Augment', 'normalize', 'rank_slices',
            'DeviceLoader']
 
 # %% ../nbs/00_data.ipynb #e3826445
@@ -315,14 +315,17 @@ def shift_flip_sources(h: int, w: int, max_shift: int, flip: bool, device: torch
     return (rows[:, :, None] * w + cols[:, None, :]).view(-1, h * w).to(device)
 
 # %% ../nbs/00_data.ipynb #10847ea3
-def random_shift_flip(images: torch.Tensor,  # (N, C, H, W) batch
-                      max_shift: int,  # largest shift in pixels, in each direction (0: none)
-                      flip: bool,  # also mirror a random half of the images left to right
-                      generator: torch.Generator) -> torch.Tensor:
-    "Shift each image by its own random offset of up to `max_shift` pixels and maybe mirror it."
+def shift_mirror(images: torch.Tensor,  # (N, C, H, W) batch
+                 max_shift: int,  # largest shift in pixels, in each direction (0: none)
+                 mirror: torch.Tensor | None,  # (N,) bools: which images to mirror left to right (None: none)
+                 generator: torch.Generator) -> torch.Tensor:
+    "Shift each image by its own random offset of up to `max_shift` pixels, and mirror those `mirror` says."
     n, c, h, w = images.shape
-    sources = shift_flip_sources(h, w, max_shift, flip, images.device)
-    pick = torch.randint(len(sources), (n,), device=images.device, generator=generator)
+    sources = shift_flip_sources(h, w, max_shift, mirror is not None, images.device)
+    # the table lists each shift unmirrored, then mirrored
+    n_shifts = len(sources) // (1 if mirror is None else 2)
+    shifts = torch.randint(n_shifts, (n,), device=images.device, generator=generator)
+    pick = shifts if mirror is None else 2 * shifts + mirror.long()
     source = sources.index_select(0, pick).view(n, 1, h * w).expand(n, c, h * w)
     return images.reshape(n, c, h * w).gather(2, source).view(n, c, h, w)
 
@@ -341,15 +344,31 @@ def random_cutout(images: torch.Tensor, size: int, generator: torch.Generator, f
     return torch.where(inside[:, None], fill, images)
 
 # %% ../nbs/00_data.ipynb #fa3e4537
+FLIPS = ('alternating', 'random', 'none')  # which images `Augment` mirrors (see above)
+
 @dataclass
 class Augment:
     "The training augmentations, applied to whole `uint8` batches."
     translate: int = 2  # random shift of up to this many pixels (0: none)
-    flip: bool = True  # mirror half the images
+    flip: str = 'alternating'  # which images to mirror: one of `FLIPS`
     cutout: int = 0  # side of the square hidden in each image (0: none)
 
-    def __call__(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        if self.translate or self.flip: images = random_shift_flip(images, self.translate, self.flip, generator)
+    def __post_init__(self):
+        if self.flip not in FLIPS: raise ValueError(f'flip={self.flip!r}: choose one of {", ".join(FLIPS)}')
+
+    def mirror(self, halves: torch.Tensor,  # (N,) bools: each image's fixed random half
+               epoch: int, generator: torch.Generator) -> torch.Tensor | None:
+        "Which images of a batch to mirror in `epoch`; `None` for none."
+        if self.flip == 'none': return None
+        if self.flip == 'random': return torch.rand(len(halves), device=halves.device, generator=generator) < 0.5
+        return halves ^ bool(epoch % 2)
+
+    def __call__(self, images: torch.Tensor, generator: torch.Generator,
+                 halves: torch.Tensor | None = None,  # each image's fixed half (default: a random one per call)
+                 epoch: int = 0) -> torch.Tensor:
+        if halves is None: halves = torch.rand(len(images), device=images.device, generator=generator) < 0.5
+        mirror = self.mirror(halves, epoch, generator)
+        if self.translate or mirror is not None: images = shift_mirror(images, self.translate, mirror, generator)
         if self.cutout: images = random_cutout(images, self.cutout, generator)
         return images
 
@@ -364,37 +383,61 @@ def normalize(images: torch.Tensor,  # (N, C, H, W) uint8
     out = images.float().mul_(scale).add_(shift).to(dtype)  # in place: one float copy of the batch
     return out.contiguous(memory_format=torch.channels_last) if channels_last else out
 
+# %% ../nbs/00_data.ipynb #3a750431
+def rank_slices(n: int,  # images in the split
+                batch_size: int,  # images in a global batch: all ranks' parts of one step together
+                drop_last: bool = False,  # skip a last global batch smaller than `batch_size`
+                rank: int = 0, world_size: int = 1,  # this process, of how many
+               ) -> list[slice]:
+    "Where this rank's batches lie in an epoch's order of `n` images: its piece of each global batch."
+    stop = n - n % batch_size if drop_last else n
+    slices = []
+    for start in range(0, stop, batch_size):
+        size = min(batch_size, stop - start)
+        piece = slice(start + size * rank // world_size, start + size * (rank + 1) // world_size)
+        if piece.stop > piece.start: slices.append(piece)
+    return slices
+
 # %% ../nbs/00_data.ipynb #03aac1dc
 class DeviceLoader:
     "Batches of one split, kept on `device` as a single `uint8` tensor and augmented batch-wise there."
     def __init__(self, images, labels,  # (N, 3, H, W) uint8 and (N,) integer labels, numpy arrays or memory maps
-                 batch_size: int = 512,
+                 batch_size: int = 512,  # images per step, all ranks' together
                  shuffle: bool = False,  # a new random order every epoch
                  drop_last: bool = False,  # skip the last batch if it is smaller than `batch_size`
                  augment: Augment | None = None,  # applied to every batch, if given
                  device='cpu', dtype: torch.dtype = torch.float32, channels_last: bool = False,
-                 seed: int = 0, mean=MEAN, std=STD):
+                 seed: int = 0, mean=MEAN, std=STD,
+                 rank: int = 0, world_size: int = 1):  # this process, of how many in a data-parallel run
         self.images = torch.from_numpy(np.array(images, dtype=np.uint8)).to(device)
         self.labels = torch.from_numpy(np.array(labels, dtype=np.int64)).to(device)
         self.batch_size, self.shuffle, self.drop_last, self.augment = batch_size, shuffle, drop_last, augment
         self.dtype, self.channels_last, self.seed, self.mean, self.std = dtype, channels_last, seed, mean, std
+        self.rank, self.world_size = rank, world_size
+        # each image's fixed random half, for alternating flips: the seed's alone, the same on every rank
+        self.halves = torch.rand(len(self.labels), device=device, generator=self.generator()) < 0.5
         self.epoch = 0  # the epoch the next iteration serves
 
-    def __len__(self):
-        return len(self.labels) // self.batch_size if self.drop_last else -(-len(self.labels) // self.batch_size)
+    def slices(self) -> list[slice]:
+        "Where this rank's batches lie in an epoch's order."
+        return rank_slices(len(self.labels), self.batch_size, self.drop_last, self.rank, self.world_size)
 
-    def generator(self, epoch: int) -> torch.Generator:
-        "The random state of `epoch`: the same for the same seed and epoch, different between epochs."
-        seed = int(np.random.SeedSequence([self.seed, epoch]).generate_state(1)[0])
+    def __len__(self): return len(self.slices())
+
+    def generator(self, *key: int) -> torch.Generator:
+        "A random state fixed by the seed and `key` (an epoch; an epoch and a rank): different for different keys."
+        seed = int(np.random.SeedSequence([self.seed, *key]).generate_state(1)[0])
         return torch.Generator(self.images.device).manual_seed(seed)
 
     def __iter__(self):
-        generator, n, device = self.generator(self.epoch), len(self.labels), self.images.device
+        epoch, n, device = self.epoch, len(self.labels), self.images.device
         self.epoch += 1
-        if self.shuffle: order = torch.randperm(n, device=device, generator=generator)
+        # the order depends on the seed and epoch alone: every rank draws the same, so their pieces are disjoint
+        if self.shuffle: order = torch.randperm(n, device=device, generator=self.generator(epoch))
         else: order = torch.arange(n, device=device)
-        for start in range(0, len(self) * self.batch_size, self.batch_size):
-            index = order[start:start + self.batch_size]
+        augment_generator = self.generator(epoch, self.rank)  # each rank's augmentations are its own
+        for piece in self.slices():
+            index = order[piece]
             images = self.images.index_select(0, index)  # much faster than images[index] on the CPU
-            if self.augment: images = self.augment(images, generator)
+            if self.augment: images = self.augment(images, augment_generator, self.halves[index], epoch)
             yield normalize(images, self.mean, self.std, self.dtype, self.channels_last), self.labels[index]

@@ -12,8 +12,8 @@ from torch.utils.flop_counter import FlopCounterMode
 from torchvision.models.resnet import BasicBlock, ResNet
 
 # %% auto #0
-__all__ = ['ARCHITECTURES', 'CifarResNet', 'resnet18', 'conv_bn', 'Residual', 'Scale', 'resnet9', 'FastBlock', 'FastNet',
-           'init_whitening', 'build_model', 'count_parameters', 'forward_flops']
+__all__ = ['ARCHITECTURES', 'TTA_LEVELS', 'CifarResNet', 'resnet18', 'conv_bn', 'Residual', 'Scale', 'resnet9', 'FastBlock',
+           'FastNet', 'init_whitening', 'build_model', 'count_parameters', 'forward_flops', 'tta_logits']
 
 # %% ../nbs/01_model.ipynb #bf5cd5ed
 class CifarResNet(ResNet):
@@ -131,3 +131,20 @@ def forward_flops(net: nn.Module, image_shape=(3, 32, 32)) -> int:
     with counter, torch.no_grad(): net.eval()(torch.zeros(1, *image_shape))
     net.train(training)  # as it was
     return counter.get_total_flops()
+
+# %% ../nbs/01_model.ipynb #45552649
+TTA_LEVELS = ('none', 'mirror', 'mirror_translate')  # test-time augmentations, each adding views to the last
+
+def tta_logits(net: nn.Module, images: torch.Tensor,  # (N, C, H, W) normalized images
+               level: str = 'none') -> torch.Tensor:  # one of `TTA_LEVELS`
+    "`net`'s logits of `images`, averaged over the views of test-time augmentation `level`."
+    if level not in TTA_LEVELS:
+        raise ValueError(f'unknown test-time augmentation {level!r}; choose one of {TTA_LEVELS}')
+    if level == 'none': return net(images)
+    mirrored = lambda x: (net(x) + net(x.flip(-1))) / 2
+    logits = mirrored(images)
+    if level == 'mirror': return logits
+    h, w = images.shape[-2:]
+    padded = F.pad(images, (1, 1, 1, 1), mode='reflect')
+    shifted = (mirrored(padded[..., :h, :w]) + mirrored(padded[..., 2:, 2:])) / 2
+    return (logits + shifted) / 2

@@ -4,16 +4,16 @@ import contextlib
 import functools
 import hashlib
 import http.server
-import shutil
-import subprocess
+import json
 import threading
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, cli_env, run_cli
+from conftest import ROOT, cli_env, dvc_repo, git_commit, run_cli, sh
 
+from cifar10.config import config_to_yaml, load_config
 from cifar10.data import CLASSES, MEAN, STD, Augment, DeviceLoader, load_split, synthetic_batches, write_archive
 
 
@@ -124,33 +124,62 @@ def digest(folder: Path) -> dict:
     return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir())}
 
 
-def test_dvc_pipeline_push_and_pull(archive, tmp_path):
-    "`dvc repro` runs the project's prepare stage; the arrays survive a push to a real remote and a pull back."
-    repo, remote = tmp_path/'repo', tmp_path/'remote'
-    repo.mkdir()
-    for name in ('dvc.yaml', '.dvcignore', 'settings.ini'): shutil.copy(ROOT/name, repo/name)
-    shutil.copytree(ROOT/'.dvc', repo/'.dvc', ignore=shutil.ignore_patterns('cache', 'tmp', 'config.local'))
-    shutil.copytree(ROOT/'cifar10', repo/'cifar10', ignore=shutil.ignore_patterns('__pycache__'))
-    env = cli_env(CIFAR10_ARCHIVE=str(archive))
-    def sh(*cmd):
-        result = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=600)
-        assert result.returncode == 0, f'{cmd}: {result.stdout}\n{result.stderr}'
-        return result.stdout
-    sh('git', 'init', '-q')
-    sh('dvc', 'remote', 'modify', '--local', 'storage', 'url', str(remote))
-    sh('dvc', 'repro', 'prepare')
-    built = {split: digest(repo/'data'/split) for split in ('train', 'test')}
-    sh('dvc', 'push', 'prepare')
-    shutil.rmtree(repo/'data'/'train'); shutil.rmtree(repo/'data'/'test'); shutil.rmtree(repo/'.dvc'/'cache')
-    sh('dvc', 'pull', 'prepare')
-    assert {split: digest(repo/'data'/split) for split in ('train', 'test')} == built
-    assert 'up to date' in sh('dvc', 'status', 'prepare').lower()
+def offline_env(tmp_path: Path) -> dict:
+    "No archive anywhere: none named, an empty download cache, downloads sent to a proxy where nothing listens."
+    dead = 'http://127.0.0.1:9'
+    return cli_env(CIFAR10_ARCHIVE='', CIFAR10_CACHE=str(tmp_path/'empty-cache'), http_proxy=dead, https_proxy=dead,
+                   HTTP_PROXY=dead, HTTPS_PROXY=dead, no_proxy='', NO_PROXY='')
+
+
+def untouched(folder: Path) -> dict:
+    "Each file under `folder` with its inode and modification time: equal only if nothing rewrote it."
+    return {p.relative_to(folder).as_posix(): (p.stat().st_ino, p.stat().st_mtime_ns)
+            for p in sorted(folder.rglob('*'))}
+
+
+@pytest.mark.slow
+def test_dvc_pipeline_without_the_archive_loses_nothing(archive, tmp_path):
+    """A team's pipeline: one checkout builds the data (`make data` runs `dvc repro prepare`), commits dvc.lock and
+    pushes to a real local remote; a clone pulls the data. With no archive reachable there, an experiment that changes
+    only training settings runs train and evaluate alone; a stage that needs the archive fails in one line; a
+    training run that cannot start keeps the model it would have replaced."""
+    origin, remote, clone = tmp_path/'origin', tmp_path/'remote', tmp_path/'clone'
+    dvc_repo(origin, config_to_yaml(load_config(ROOT/'conf'/'smoke.yaml', {'logging': {'run_name': 'pipeline'}})))
+    sh('dvc', 'remote', 'modify', 'storage', 'url', remote, cwd=origin)
+    sh('dvc', 'repro', 'prepare', cwd=origin, env=cli_env(CIFAR10_ARCHIVE=str(archive)))
+    git_commit(origin, 'the data')
+    sh('dvc', 'push', cwd=origin)
+    sh('git', 'clone', '-q', origin, clone, cwd=tmp_path)
+    sh('dvc', 'pull', 'prepare', cwd=clone)
+    splits = ('train', 'test')
+    assert {s: digest(clone/'data'/s) for s in splits} == {s: digest(origin/'data'/s) for s in splits}
+    data, offline = untouched(clone/'data'), offline_env(tmp_path)
+
+    experiment = sh('dvc', 'exp', 'run', '-S', 'training.max_epochs=1', cwd=clone, env=offline).stdout
+    assert "Stage 'prepare' didn't change, skipping" in experiment, experiment
+    assert "Running stage 'train'" in experiment and "Running stage 'evaluate'" in experiment
+    assert untouched(clone/'data') == data  # not even rewritten
+    assert json.loads((clone/'metrics.json').read_text())['images'] == 10_000
+    assert 'accuracy' in sh('dvc', 'metrics', 'show', cwd=clone).stdout
+    model = (clone/'models'/'pipeline'/'last.ckpt').read_bytes()
+    assert torch.load(clone/'models'/'pipeline'/'last.ckpt', weights_only=True)['epoch'] == 0  # one epoch, index 0
+
+    prepare = sh('dvc', 'repro', '--force', 'prepare', cwd=clone, env=offline, ok=False)
+    ours = [line for line in prepare.stderr.splitlines() if 'cifar10 data: error:' in line]
+    assert prepare.returncode != 0 and len(ours) == 1, prepare.stderr
+    assert 'could not download' in ours[0] and 'CIFAR10_ARCHIVE' in ours[0] and 'Traceback' not in prepare.stderr
+    assert untouched(clone/'data') == data
+
+    train = sh('dvc', 'exp', 'run', '-S', 'logging.tracking_uri=http://127.0.0.1:9', cwd=clone, env=offline, ok=False)
+    assert train.returncode != 0 and 'does not answer' in train.stdout + train.stderr
+    assert (clone/'models'/'pipeline'/'last.ckpt').read_bytes() == model
+    assert untouched(clone/'data') == data
 
 
 def test_loader_batches(data_dir):
     images, labels = load_split(data_dir, 'train')
     loader = DeviceLoader(images, labels, batch_size=512, shuffle=True, drop_last=True,
-                          augment=Augment(translate=4, flip=True, cutout=8), seed=3)
+                          augment=Augment(translate=4, flip='random', cutout=8), seed=3)
     first = [b for _, b in zip(range(3), loader)]
     x, y = first[0]
     assert x.shape == (512, 3, 32, 32) and x.dtype == torch.float32 and y.shape == (512,) and y.dtype == torch.int64
@@ -163,7 +192,7 @@ def test_loader_batches(data_dir):
     second = next(iter(loader))
     assert not torch.equal(second[0], x)  # a new epoch, new shuffle and new augmentations
     again = DeviceLoader(images, labels, batch_size=512, shuffle=True, drop_last=True,
-                         augment=Augment(translate=4, flip=True, cutout=8), seed=3)
+                         augment=Augment(translate=4, flip='random', cutout=8), seed=3)
     assert all(torch.equal(a, b) for (a, _), (b, _) in zip(first, again))  # same seed, same batches
     other_seed = DeviceLoader(images, labels, batch_size=512, shuffle=True, drop_last=True, augment=Augment(), seed=4)
     assert not torch.equal(next(iter(other_seed))[0], x)

@@ -1,10 +1,11 @@
-"""Training end to end on tiny data: the CLI against a real MLflow server, papermill, the DVC pipeline,
+"""Training end to end on tiny data: the CLI against a real MLflow server, papermill, the registry's champion,
 resuming a killed run, seeding, and bad configurations refused before any work starts."""
 import json
 import os
 import signal
 import subprocess
 import time
+from pathlib import Path
 
 import mlflow
 import nbformat
@@ -13,7 +14,8 @@ import torch
 import yaml
 from conftest import CLI, ROOT, cli_env, run_cli
 
-from cifar10.config import config_to_yaml, load_config
+from cifar10.config import Config, flat_params, load_config
+from cifar10.data import CLASSES
 from cifar10.trainer import fit
 
 SMOKE = ROOT/'conf'/'smoke.yaml'
@@ -27,7 +29,7 @@ def smoke_flags(data_dir, **settings) -> list[str]:
 
 
 def test_cli_train_tracks_everything_on_a_server(tiny_data, mlflow_server, tmp_path):
-    result = run_cli('train', *smoke_flags(tiny_data, training__models_dir=tmp_path/'models',
+    result = run_cli('train', *smoke_flags(tiny_data, data__val_size='200', training__models_dir=tmp_path/'models',
                                            logging__tracking_uri=mlflow_server, logging__run_name='cli-run',
                                            logging__registered_model='cli-model'), cwd=tmp_path)
     assert result.returncode == 0, result.stderr
@@ -36,15 +38,25 @@ def test_cli_train_tracks_everything_on_a_server(tiny_data, mlflow_server, tmp_p
     [run] = client.search_runs(client.get_experiment_by_name('cifar10').experiment_id,
                                "attributes.run_name = 'cli-run'")
     params, metrics = run.data.params, run.data.metrics
-    assert params['training.max_epochs'] == '2' and params['model.arch'] == 'fastnet' and len(params) == 29
-    steps_per_epoch = 1000 // 128
+    assert params['training.max_epochs'] == '2' and params['model.arch'] == 'fastnet'
+    assert params.keys() == flat_params(Config()).keys()
+    steps_per_epoch = (1000 - 200) // 128
     assert len(client.get_metric_history(run.info.run_id, 'train/loss')) == 2 * steps_per_epoch  # every step
     assert len(client.get_metric_history(run.info.run_id, 'lr-SGD/weights')) == 2 * steps_per_epoch
-    assert len(client.get_metric_history(run.info.run_id, 'val/acc')) == 2  # every epoch
-    assert {'test/acc', 'test/loss', 'test/acc/cat'} <= metrics.keys() and 0 <= metrics['test/acc'] <= 1
+    assert len(client.get_metric_history(run.info.run_id, 'val/acc')) == 1  # the final model's (val_every_n_epochs)
+    assert {'test/acc', 'test/loss'} <= metrics.keys() and 0 <= metrics['test/acc'] <= 1
+    assert not [key for key in metrics if key.startswith('test/acc/')]  # per class: one table, not ten charts
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     artifacts |= {a.path for a in client.list_artifacts(run.info.run_id, 'checkpoints')}
-    assert {'confusion_matrix.png', 'checkpoints/best.ckpt', 'checkpoints/last.ckpt'} <= artifacts
+    assert {'confusion_matrix.png', 'test_class_accuracy.json', 'checkpoints/best.ckpt',
+            'checkpoints/last.ckpt'} <= artifacts
+    table = Path(client.download_artifacts(run.info.run_id, 'test_class_accuracy.json', str(tmp_path)))
+    table = json.loads(table.read_text())
+    assert [row[0] for row in table['data']] == list(CLASSES)
+    tags = run.data.tags
+    assert tags['mlflow.source.name'] == 'cifar10 train' and tags['preset'] == str(SMOKE)
+    note = tags['mlflow.note.content']
+    assert str(SMOKE) in note and 'fastnet of width 8' in note and f'{metrics["test/acc"]:.2%}' in note, note
     [version] = client.search_model_versions("name = 'cli-model'")
     assert version.run_id == run.info.run_id
 
@@ -60,48 +72,41 @@ def test_cli_train_tracks_everything_on_a_server(tiny_data, mlflow_server, tmp_p
     assert local.returncode == 0 and f'accuracy {metrics["test/acc"]:.4f}' in local.stdout, local.stdout + local.stderr
 
 
+def papermill(*args, cwd=ROOT) -> subprocess.CompletedProcess:
+    "Run papermill on the training notebook with `args`, as the README does."
+    return subprocess.run(['papermill', ROOT/'nbs'/'train.ipynb', *args, '--log-level', 'WARNING'],
+                          cwd=cwd, env=cli_env(), capture_output=True, text=True, timeout=600)
+
+
 def test_papermill_runs_the_training_notebook(tiny_data, tmp_path):
     out = tmp_path/'executed.ipynb'
     overrides = {'data': {'data_dir': str(tiny_data), 'subset': None},
-                 'training': {'models_dir': str(tmp_path/'models')},
                  'logging': {'tracking_uri': f'sqlite:///{tmp_path}/mlflow.db', 'run_name': 'notebook-run'}}
-    result = subprocess.run(['papermill', ROOT/'nbs'/'train.ipynb', out, '-p', 'config_file', SMOKE,
-                             '-y', yaml.safe_dump(overrides), '--inject-output-path', '--log-level', 'WARNING'],
-                            cwd=ROOT, env=cli_env(), capture_output=True, text=True, timeout=600)
+    training = f'{{models_dir: {tmp_path/"models"}}}'  # a section given as a string is read as YAML
+    result = papermill(out, '-p', 'config_file', SMOKE, '-p', 'training', training, '-y', yaml.safe_dump(overrides),
+                       '--inject-output-path')
     assert result.returncode == 0, result.stderr[-3000:]
-    outputs = ''.join(o.get('text', '') for c in nbformat.read(out, as_version=4).cells for o in c.get('outputs', []))
-    assert 'run notebook-run: test accuracy' in outputs
+    assert 'ERROR' not in result.stderr and 'Traceback' not in result.stderr, result.stderr  # ended cleanly too
+    cells = {c.source: c.outputs for c in nbformat.read(out, as_version=4).cells if c.cell_type == 'code'}
+    outputs = ''.join(o.get('text', '') for cell in cells.values() for o in cell)
+    assert 'run notebook-run: test accuracy' in outputs and 'registered and made the champion' in outputs
+    for plot in ('plot_history(run);', 'confusion_figure(run.confusion);'):
+        assert [o for o in cells[plot] if 'image/png' in o.get('data', {})], f'{plot} shows no figure'
+    assert (tmp_path/'models'/'notebook-run'/'last.ckpt').is_file()
     client = mlflow.MlflowClient(f'sqlite:///{tmp_path}/mlflow.db')
     [run] = client.search_runs(client.get_experiment_by_name('cifar10').experiment_id)
     assert run.data.params['data.subset'] == 'None' and run.data.params['training.max_epochs'] == '2'
+    assert run.data.tags['mlflow.source.name'] == 'nbs/train.ipynb' and run.data.tags['preset'] == str(SMOKE)
     assert [a.path for a in client.list_artifacts(run.info.run_id, 'notebook')] == ['notebook/executed.ipynb']
+    [version] = client.search_model_versions("name = 'cifar10-smoke'")  # the smoke preset's own registry name
+    assert version.run_id == run.info.run_id
 
 
-def test_dvc_pipeline_repro_experiment_and_metrics(archive, tmp_path):
-    repo = tmp_path/'repo'
-    repo.mkdir()
-    for name in ('dvc.yaml', '.dvcignore', 'settings.ini'): (repo/name).write_bytes((ROOT/name).read_bytes())
-    subprocess.run(['cp', '-r', ROOT/'.dvc', ROOT/'cifar10', ROOT/'conf', repo], check=True)
-    for folder in ('nbs', 'models'): (repo/folder).mkdir()
-    (repo/'nbs'/'train.ipynb').write_bytes((ROOT/'nbs'/'train.ipynb').read_bytes())
-    for junk in ('cache', 'tmp', 'config.local'): subprocess.run(['rm', '-rf', repo/'.dvc'/junk])
-    params = load_config(SMOKE, {'logging': {'run_name': 'pipeline'}})  # the smoke preset as DVC params
-    (repo/'params.yaml').write_text(config_to_yaml(params))
-    env = cli_env(CIFAR10_ARCHIVE=str(archive))
-    def sh(*cmd):
-        result = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=900)
-        assert result.returncode == 0, f'{cmd}: {result.stdout[-3000:]}\n{result.stderr[-3000:]}'
-        return result.stdout
-    sh('git', 'init', '-q'); sh('git', 'add', '-A')
-    sh('git', '-c', 'user.name=test', '-c', 'user.email=test@example.com', 'commit', '-qm', 'the pipeline')
-    sh('dvc', 'repro')
-    metrics = json.loads((repo/'metrics.json').read_text())
-    assert metrics['images'] == 10_000 and 0 <= metrics['accuracy'] <= 1
-    assert 'accuracy' in sh('dvc', 'metrics', 'show')
-    assert (repo/'models'/'pipeline'/'last.ckpt').is_file() and (repo/'models'/'pipeline.ipynb').is_file()
-    sh('dvc', 'exp', 'run', '-S', 'training.max_epochs=1')
-    assert yaml.safe_load((repo/'params.yaml').read_text())['training']['max_epochs'] == 1
-    assert torch.load(repo/'models'/'pipeline'/'last.ckpt', weights_only=True)['epoch'] == 0  # one epoch: index 0
+def test_papermill_refuses_a_section_that_is_not_settings(tmp_path):
+    result = papermill(tmp_path/'executed.ipynb', '-p', 'training', 'max_epochs=2')
+    assert result.returncode != 0
+    assert "ConfigError: training: expected its settings, e.g. -y \"training: {key: value}\", got 'max_epochs=2'" \
+        in result.stderr, result.stderr[-3000:]
 
 
 def test_resume_after_the_process_is_killed(tiny_data, tmp_path):
@@ -121,8 +126,41 @@ def test_resume_after_the_process_is_killed(tiny_data, tmp_path):
     assert final['epoch'] == 7 and final['global_step'] == 8 * (1000 // 128)
     run_id = yaml.safe_load((tmp_path/'models'/'killed'/'run.yaml').read_text())['run_id']
     client = mlflow.MlflowClient(f'sqlite:///{tmp_path}/mlflow.db')
-    epochs = {m.step for m in client.get_metric_history(run_id, 'val/acc')}
+    epochs = {m.step for m in client.get_metric_history(run_id, 'time/epoch_seconds')}
     assert len(epochs) == 8 and 'test/acc' in client.get_run(run_id).data.metrics  # one run, all epochs
+
+    last.write_bytes(last.read_bytes()[:last.stat().st_size // 2])  # a copy cut short
+    damaged = run_cli('train', '--resume', 'killed', cwd=tmp_path)
+    assert damaged.returncode == 1 and 'Traceback' not in damaged.stderr, damaged.stderr
+    line = damaged.stderr.strip().splitlines()[-1]
+    assert line.startswith('cifar10 train: error: models/killed/last.ckpt: damaged') and 'start a new run' in line, line
+
+
+def test_the_champion_moves_only_to_a_better_model(tiny_data, mlflow_server, tmp_path):
+    "Every run registers a version; `champion` goes to the first, stays for a worse one and moves to a better one."
+    def train(name, **training):
+        flags = smoke_flags(tiny_data, data__val_size='200', training__models_dir=tmp_path/'models',
+                            logging__tracking_uri=mlflow_server, logging__run_name=name,
+                            logging__registered_model='champion-test',
+                            **{f'training__{key}': value for key, value in training.items()})
+        result = run_cli('train', *flags, cwd=tmp_path)
+        assert result.returncode == 0, result.stderr
+        return result.stdout.strip().splitlines()[-1]  # what the registry made of it
+    # better and worse by training, on the same 200 held-out images; the test split chooses nothing
+    assert train('first', max_epochs='2') == 'champion-test version 1 registered and made the champion, the first'
+    worse = train('crippled', max_epochs='1', warmup_epochs='0', lr='1e-6')
+    assert worse.startswith('champion-test version 2 registered; the champion stays version 1: its val/acc'), worse
+    better = train('longer', max_epochs='8')
+    assert better.startswith('champion-test version 3 registered and made the champion (val/acc'), better
+    client = mlflow.MlflowClient(mlflow_server)
+    assert str(client.get_model_version_by_alias('champion-test', 'champion').version) == '3'
+    tags = [client.get_model_version('champion-test', v).tags for v in ('1', '2', '3')]
+    assert float(tags[1]['val/acc']) < float(tags[0]['val/acc']) < float(tags[2]['val/acc'])
+    assert {t['data.val_size'] for t in tags} == {'200'} and tags[1]['champion'] == worse
+
+    served = run_cli('infer', '--checkpoint_name', 'models:/champion-test@champion', '--data_dir', tiny_data,
+                     cwd=tmp_path, env=cli_env(MLFLOW_TRACKING_URI=mlflow_server))
+    assert served.returncode == 0 and 'accuracy' in served.stdout, served.stderr
 
 
 def test_same_seed_same_metrics(tiny_data, tmp_path):

@@ -1,0 +1,127 @@
+"""What each part of the training recipe is worth: accuracy and time with it, and with it taken out.
+
+Each variant is the configuration (`--config`, plus `--set` overrides) with one part of airbench's recipe
+taken out or changed, trained with `fit` for several seeds, one after the other in this process. The
+test-time augmentation rows need no training of their own: they evaluate the full recipe's final models
+with each level. Every run appends a line to `--output` (JSON), so an interrupted benchmark keeps what
+it measured and `--resume` skips the runs already there. The table is printed at the end; the trainer
+chapter shows it from the output file. Last line: `full_recipe_accuracy: <mean>`.
+
+    python bench/recipe.py [--config conf/cpu.yaml] [--set model.width=16 training.max_epochs=4]
+                           [--seeds 3] [--output bench/results/recipe-cpu.jsonl] [--resume]
+"""
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import yaml
+
+from cifar10.config import load_config
+from cifar10.data import load_split, normalize
+from cifar10.model import TTA_LEVELS, tta_logits
+from cifar10.trainer import Classifier, fit
+
+# each variant: what it takes out of the full recipe, as configuration overrides
+VARIANTS = {
+    'full recipe': {},
+    'no lookahead': {'training': {'lookahead_every': 0}},
+    'norm scales learned, biases at the weights\' step': {'training': {'norm_scales': True, 'bias_lr_scale': 1.0}},
+    'whitening biases never learn': {'training': {'whiten_bias_epochs': 0}},
+    'whitening biases learn throughout': {'training': {'whiten_bias_epochs': 1000}},
+    'random flips': {'data': {'flip': 'random'}},
+    'lr × 0.5': {'training': {'lr_scale': 0.5}},
+    'lr × 2': {'training': {'lr_scale': 2.0}},
+    'weight decay × 0.5': {'training': {'wd_scale': 0.5}},
+    'weight decay × 2': {'training': {'wd_scale': 2.0}},
+}
+
+
+def merge(base: dict, extra: dict) -> dict:
+    "`base` with `extra`'s sections merged in key by key."
+    return {s: {**base.get(s, {}), **extra.get(s, {})} for s in {*base, *extra}}
+
+
+def scaled(overrides: dict, defaults) -> dict:
+    "`lr_scale`/`wd_scale` turned into `lr`/`weight_decay` relative to the configuration's own values."
+    training = dict(overrides.get('training', {}))
+    for key, field in (('lr_scale', 'lr'), ('wd_scale', 'weight_decay')):
+        if key in training: training[field] = getattr(defaults.training, field) * training.pop(key)
+    return {**overrides, 'training': training}
+
+
+@torch.inference_mode()
+def tta_accuracies(checkpoint: Path, data_dir: str) -> dict:
+    "Test accuracy of a checkpoint's network with each test-time augmentation level."
+    module = Classifier.load_from_checkpoint(checkpoint, map_location='cpu', weights_only=False).eval()
+    images, labels = load_split(data_dir, 'test')
+    correct = dict.fromkeys(TTA_LEVELS, 0)
+    for start in range(0, len(labels), 1000):
+        x = normalize(torch.from_numpy(images[start:start + 1000].copy()))
+        y = torch.from_numpy(labels[start:start + 1000].copy())
+        for level in TTA_LEVELS:
+            with torch.autocast('cpu', dtype=torch.bfloat16):
+                correct[level] += (tta_logits(module.net, x, level).argmax(1) == y).sum().item()
+    return {level: right / len(labels) for level, right in correct.items()}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument('--config', default='conf/cpu.yaml')
+    parser.add_argument('--set', nargs='*', default=[], help='section.key=value overrides of every run')
+    parser.add_argument('--data_dir', default='data')
+    parser.add_argument('--seeds', type=int, default=3)
+    parser.add_argument('--variants', nargs='*', default=list(VARIANTS), help='which variants to run')
+    parser.add_argument('--output', default='bench/results/recipe-cpu.jsonl')
+    parser.add_argument('--resume', action='store_true', help='skip the runs already in --output')
+    args = parser.parse_args()
+    common = {'data': {'data_dir': args.data_dir}, 'logging': {'progress_bar': False}}
+    for item in args.set:
+        key, value = item.split('=', 1)
+        section, name = key.split('.')
+        common = merge(common, {section: {name: yaml.safe_load(value)}})
+    defaults = load_config(args.config, common)
+    output = Path(args.output)
+    done = [json.loads(line) for line in output.read_text().splitlines()] if args.resume and output.exists() else []
+    output.parent.mkdir(parents=True, exist_ok=True)
+    for seed in range(args.seeds):
+        for name in args.variants:
+            if any(r['variant'] == name and r['seed'] == seed for r in done): continue
+            with tempfile.TemporaryDirectory() as folder:
+                overrides = merge(merge(common, scaled(VARIANTS[name], defaults)), {
+                    'training': {'seed': seed, 'models_dir': f'{folder}/models'},
+                    'logging': {'tracking_uri': f'sqlite:///{folder}/mlflow.db', 'run_name': 'bench'}})
+                cfg = load_config(args.config, overrides)
+                start = time.perf_counter()
+                run = fit(cfg)
+                record = {'variant': name, 'seed': seed, 'test_accuracy': run.test_metrics['test/acc'],
+                          'train_seconds': sum(run.epoch_seconds), 'wall_seconds': time.perf_counter() - start,
+                          'overrides': overrides, 'load': Path('/proc/loadavg').read_text().split()[:3]}
+                if name == 'full recipe': record['tta'] = tta_accuracies(run.folder/'last.ckpt', args.data_dir)
+            print(json.dumps(record), flush=True)
+            with output.open('a') as f: f.write(json.dumps(record) + '\n')
+            done.append(record)
+    print_table(done)
+
+
+def print_table(records: list):
+    "Mean test accuracy and training time of each variant, and the TTA levels of the full recipe."
+    rows = {}
+    for r in records: rows.setdefault(r['variant'], []).append(r)
+    full = statistics.mean(r['test_accuracy'] for r in rows.get('full recipe', [{'test_accuracy': float('nan')}]))
+    print(f'{"variant":52s} {"accuracy":>9s} {"vs full":>8s} {"train s":>8s} runs')
+    for name, runs in rows.items():
+        accuracy = statistics.mean(r['test_accuracy'] for r in runs)
+        seconds = statistics.median(r['train_seconds'] for r in runs)
+        print(f'{name:52s} {accuracy:9.4f} {accuracy - full:+8.4f} {seconds:8.0f} {len(runs)}')
+    for level in TTA_LEVELS:
+        values = [r['tta'][level] for r in rows.get('full recipe', []) if 'tta' in r]
+        if values: print(f'{"full recipe, test-time augmentation " + level:52s} {statistics.mean(values):9.4f}')
+    print(f'full_recipe_accuracy: {full:.4f}')
+
+
+if __name__ == '__main__':
+    main()
