@@ -14,7 +14,7 @@ export DVC_NO_ANALYTICS := 1
 SHARED_ARCHIVE := $(abspath ../shared/cifar10/cifar-10-python.tar.gz)
 export CIFAR10_LOCAL_ARCHIVE := $(or $(CIFAR10_ARCHIVE),$(wildcard $(SHARED_ARCHIVE)))
 
-.PHONY: install data train test lint clean-notebooks readme mlflow container-tools browser-tools docs postgres-server mlflow-postgres
+.PHONY: install data train test test-fast lint clean-notebooks readme mlflow container-tools browser-tools docs postgres-server mlflow-postgres
 
 # (re)install when the requirements change; the marker lives in the venv, so a fresh clone always installs
 $(VENV)/.installed: settings.ini setup.py
@@ -41,6 +41,12 @@ test: install container-tools postgres-server browser-tools
 	CIFAR10_ARCHIVE=$(CIFAR10_LOCAL_ARCHIVE) cifar10 data
 	nbdev_test --n_workers 1
 	CIFAR10_ARCHIVE=$(CIFAR10_LOCAL_ARCHIVE) pytest -q tests
+
+# The tests not marked slow (a few minutes; chromium for the browser tests): for the edit-test loop, not a substitute for `make test`
+test-fast: install browser-tools
+	ruff check .
+	CIFAR10_ARCHIVE=$(CIFAR10_LOCAL_ARCHIVE) cifar10 data
+	CIFAR10_ARCHIVE=$(CIFAR10_LOCAL_ARCHIVE) pytest -q -m 'not slow' tests
 
 # What tests/test_containers.py needs from Debian's packages, installed where missing (as root): podman, runc (crun,
 # podman's default, cannot start containers in a sandbox like CI's; docker/containers.conf picks runc) and
@@ -71,15 +77,18 @@ mlflow: install
 # The team's tracking server: the same MLflow server over a PostgreSQL database, serving the artifacts itself
 # (--serve-artifacts; they are kept in ARTIFACTS on this machine), so that every machine logs its runs and
 # models to one place. Create the database once (`createdb mlflow`; MLflow makes its tables), then
-#   make mlflow-postgres DATABASE=postgresql+psycopg://USER:PASSWORD@DB-HOST:5432/mlflow HOST=0.0.0.0 PORT=5000
-# and train on any machine with --logging.tracking_uri http://THIS-MACHINE:5000.
+#   make mlflow-postgres DATABASE=postgresql+psycopg://USER:PASSWORD@DB-HOST:5432/mlflow HOST=0.0.0.0 PORT=5000 \
+#     ALLOWED_HOSTS=THIS-MACHINE,THIS-MACHINE:5000
+# and train on any machine with --logging.tracking_uri http://THIS-MACHINE:5000. ALLOWED_HOSTS: the names the
+# other machines use for this one (MLflow answers only requests to localhost and private IPs without it).
 DATABASE ?= postgresql+psycopg://localhost:5432/mlflow
 ARTIFACTS ?= mlartifacts
 HOST ?= 127.0.0.1
 WORKERS ?= 4
+ALLOWED_HOSTS ?=
 mlflow-postgres: install
 	mlflow server --host $(HOST) --port $(PORT) --workers $(WORKERS) --backend-store-uri $(DATABASE) \
-	  --serve-artifacts --artifacts-destination $(ARTIFACTS)
+	  --serve-artifacts --artifacts-destination $(ARTIFACTS) $(if $(ALLOWED_HOSTS),--allowed-hosts $(ALLOWED_HOSTS))
 
 # PostgreSQL's server programs (Debian's package), which tests/test_scale.py runs on loopback for a shared
 # Optuna study and the team's tracking server; installed where missing (as root)

@@ -2,8 +2,8 @@
 
 Both train the same network on the same `DeviceLoader` batches with the same optimizer, schedule,
 lookahead and precision. The Lightning side is the loop `cifar10 train` runs: `build_trainer` with
-`run_callbacks` (checkpoints, lookahead, epoch timer, learning-rate monitor), an MLflow logger on a
-temporary SQLite store, the progress bar as configured. It is timed from the start of training to its
+`run_callbacks` (checkpoints, lookahead, epoch timer), an MLflow logger on a temporary SQLite store
+(buffered as `fit` buffers it), the progress bar as configured. It is timed from the start of training to its
 end, the epoch's checkpoint included. The bare side is a plain `for` loop over the same steps. Each
 side runs `--repeats` times, alternating, in this process; the figures are medians. The default is the
 small-model setting, where the loop's own cost shows most: FastNet of width 8, batches of 32, 300 steps,
@@ -33,9 +33,11 @@ from cifar10.trainer import (
     datamodule_for,
     device_settings,
     expected_warnings_silenced,
+    prepare_folder,
     run_callbacks,
     sgd_with_schedule,
     start_tracking,
+    tracking_to,
 )
 
 
@@ -52,9 +54,13 @@ def lightning_rate(cfg, folder: Path) -> float:
     module = Classifier(asdict(cfg.model), asdict(cfg.training))
     if channels_last: module = module.to(memory_format=torch.channels_last)
     run = folder/f'run{time.perf_counter_ns()}'
-    logger = start_tracking(cfg, f'sqlite:///{folder}/mlflow.db', run, resume=False)
-    trainer = build_trainer(cfg, logger, [timer := TrainTimer(), *run_callbacks(cfg, run)], run)
-    with expected_warnings_silenced(): trainer.fit(module, datamodule=datamodule_for(cfg, precision, channels_last))
+    uri = f'sqlite:///{folder}/mlflow.db'
+    with tracking_to(uri):  # as `fit` tracks: MLflow's logging thread buffers the run's metrics
+        logger = start_tracking(cfg, uri, run, resume=False)
+        trainer = build_trainer(cfg, logger, [timer := TrainTimer(), *run_callbacks(cfg, run)], run)
+        prepare_folder(cfg, run, logger, resume=False)  # the MLflow run starts, its parameters logged, as in `fit`
+        with expected_warnings_silenced():
+            trainer.fit(module, datamodule=datamodule_for(cfg, precision, channels_last))
     return trainer.global_step * cfg.data.batch_size / timer.seconds
 
 

@@ -11,11 +11,13 @@ from pathlib import Path
 import lightning as L
 import numpy as np
 import torch
+from fastcore.basics import patch
 
 from .data import Augment, DataError, DeviceLoader, load_split
 
 # %% ../nbs/00a_datamodule.ipynb #d90feb16
-SPLIT_SEED = 0  # fixes the subset and the held-out images, whatever the run's seed
+# fixes the subset and the held-out images, whatever the run's seed
+SPLIT_SEED = 0
 
 class CIFAR10DataModule(L.LightningDataModule):
     "CIFAR-10 splits as `DeviceLoader`s on the trainer's device."
@@ -26,46 +28,67 @@ class CIFAR10DataModule(L.LightningDataModule):
                  subset: int | None = None,  # keep only this many random images of each split
                  augment: Augment | None = Augment(),  # training augmentations
                  dtype: torch.dtype = torch.float32, channels_last: bool = False,
-                 seed: int = 0,  # seeds the shuffles and augmentations (not the subset or the held-out images)
+                 seed: int = 0,  # seeds shuffles and augmentations (not the subset, not the held-out)
                  device=None):  # default: the trainer's device, else the CPU
         super().__init__()
-        self.data_dir, self.batch_size, self.eval_batch_size = Path(data_dir), batch_size, eval_batch_size
-        self.val_size, self.subset, self.augment, self.seed, self.device = val_size, subset, augment, seed, device
+        self.data_dir, self.batch_size = Path(data_dir), batch_size
+        self.eval_batch_size, self.val_size, self.subset = eval_batch_size, val_size, subset
+        self.augment, self.seed, self.device = augment, seed, device
         self.loader_args = dict(dtype=dtype, channels_last=channels_last)
         self.loaders, self.start_epoch = {}, 0
 
-    def _pick(self, split: str):
-        "Images and labels of `split`, cut to `subset` if given (a fixed random choice)."
-        images, labels = load_split(self.data_dir, split)
-        if not self.subset or self.subset >= len(labels): return images, labels
-        keep = np.sort(np.random.default_rng(SPLIT_SEED).permutation(len(labels))[:self.subset])
-        return images[keep], labels[keep]
+# %% ../nbs/00a_datamodule.ipynb #35c9d058
+@patch
+def _pick(self: CIFAR10DataModule, split: str):
+    "Images and labels of `split`, cut to `subset` if given (a fixed random choice)."
+    images, labels = load_split(self.data_dir, split)
+    if not self.subset or self.subset >= len(labels): return images, labels
+    keep = np.sort(np.random.default_rng(SPLIT_SEED).permutation(len(labels))[:self.subset])
+    return images[keep], labels[keep]
 
-    def setup(self, stage: str | None = None):
-        if self.loaders: return
-        device = self.device or (self.trainer.strategy.root_device if self.trainer else 'cpu')
-        # in a data-parallel run each rank holds the whole splits and serves its own piece of every batch
-        ranks = dict(rank=self.trainer.global_rank, world_size=self.trainer.world_size) if self.trainer else {}
-        args = {**self.loader_args, **ranks, 'device': device}
-        (train_x, train_y), test = self._pick('train'), self._pick('test')
-        val = None
-        if self.val_size:
-            if self.val_size >= len(train_y):
-                raise DataError(f'val_size={self.val_size} leaves no training images ({len(train_y)} in all)')
-            order = np.random.default_rng(SPLIT_SEED + 1).permutation(len(train_y))
-            held, kept = np.sort(order[:self.val_size]), np.sort(order[self.val_size:])
-            val, (train_x, train_y) = (train_x[held], train_y[held]), (train_x[kept], train_y[kept])
-        self.loaders = {
-            'train': DeviceLoader(train_x, train_y, self.batch_size, shuffle=True, drop_last=True, augment=self.augment,
-                                  seed=self.seed, **args),
-            'test': DeviceLoader(*test, self.eval_batch_size, **args)}
-        self.loaders['val'] = DeviceLoader(*val, self.eval_batch_size, **args) if val else []  # [] : none
-        self.loaders['train'].epoch = self.start_epoch
+# %% ../nbs/00a_datamodule.ipynb #fec493cf
+@patch
+def setup(self: CIFAR10DataModule, stage: str | None = None):
+    "Put the splits on the device as `DeviceLoader`s, once; `stage` is Lightning's and changes nothing."
+    if self.loaders: return
+    device = self.device or (self.trainer.strategy.root_device if self.trainer else 'cpu')
+    # in a data-parallel run each rank holds the whole splits and serves its own piece of every batch
+    trainer = self.trainer
+    ranks = dict(rank=trainer.global_rank, world_size=trainer.world_size) if trainer else {}
+    args = {**self.loader_args, **ranks, 'device': device}
+    (train_x, train_y), test = self._pick('train'), self._pick('test')
+    val = None
+    if self.val_size:
+        if self.val_size >= len(train_y):
+            raise DataError(f'val_size={self.val_size} leaves no training images '
+                            f'({len(train_y)} in all)')
+        order = np.random.default_rng(SPLIT_SEED + 1).permutation(len(train_y))
+        held, kept = np.sort(order[:self.val_size]), np.sort(order[self.val_size:])
+        val, (train_x, train_y) = (train_x[held], train_y[held]), (train_x[kept], train_y[kept])
+    self.loaders = {
+        'train': DeviceLoader(train_x, train_y, self.batch_size, shuffle=True, drop_last=True,
+                              augment=self.augment, seed=self.seed, **args),
+        'test': DeviceLoader(*test, self.eval_batch_size, **args)}
+    # an empty list: no validation
+    self.loaders['val'] = DeviceLoader(*val, self.eval_batch_size, **args) if val else []
+    self.loaders['train'].epoch = self.start_epoch
 
-    def train_dataloader(self): return self.loaders['train']
-    def val_dataloader(self): return self.loaders['val']
-    def test_dataloader(self): return self.loaders['test']
-    def state_dict(self): return {'epoch': self.loaders['train'].epoch if self.loaders else self.start_epoch}
-    def load_state_dict(self, state):
-        self.start_epoch = state['epoch']
-        if self.loaders: self.loaders['train'].epoch = self.start_epoch
+# %% ../nbs/00a_datamodule.ipynb #a7ed4a1d
+@patch
+def train_dataloader(self: CIFAR10DataModule): return self.loaders['train']
+@patch
+def val_dataloader(self: CIFAR10DataModule): return self.loaders['val']
+@patch
+def test_dataloader(self: CIFAR10DataModule): return self.loaders['test']
+
+# %% ../nbs/00a_datamodule.ipynb #fd70e1c1
+@patch
+def state_dict(self: CIFAR10DataModule):
+    "What a checkpoint keeps: the epoch the training loader serves next."
+    return {'epoch': self.loaders['train'].epoch if self.loaders else self.start_epoch}
+
+@patch
+def load_state_dict(self: CIFAR10DataModule, state):
+    "Continue from the epoch that `state_dict` saved."
+    self.start_epoch = state['epoch']
+    if self.loaders: self.loaders['train'].epoch = self.start_epoch

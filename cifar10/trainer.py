@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
 import pickle
 import shutil
@@ -14,6 +15,7 @@ import time
 import urllib.error
 import warnings
 import urllib.request
+from importlib.util import find_spec
 from dataclasses import asdict, dataclass
 from datetime import datetime
 from contextlib import contextmanager
@@ -29,7 +31,7 @@ import torch
 import torch.nn.functional as F
 import yaml
 from fastcore.basics import patch
-from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
 from lightning.pytorch.loggers import MLFlowLogger
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from torch.distributed.elastic.multiprocessing.api import SignalException
@@ -53,10 +55,11 @@ __all__ = ['WHITENING_IMAGES', 'AUTOCAST_DTYPES', 'ASYNC_BUFFER_SECONDS', 'CHAMP
            'parameter_groups', 'sgd_with_schedule', 'Classifier', 'Lookahead', 'TrainingError', 'tracking_uri',
            'artifact_location', 'check_tracking_server', 'readable_checkpoint', 'run_folder', 'resume_config',
            'run_config', 'cpu_has_bf16', 'device_settings', 'process_count', 'launched_rank', 'launch_ranks',
-           'RankZeroWeights', 'TrainingRun', 'EpochTimer', 'datamodule_for', 'run_callbacks', 'build_trainer',
-           'start_tracking', 'prepare_folder', 'expected_warnings_silenced', 'train_and_test', 'tracking_to', 'fit',
-           'confusion_figure', 'class_accuracy', 'heldout_set', 'why_champion_stays', 'promote_champion',
-           'model_metadata', 'run_description', 'register_model', 'plot_history', 'source_tags', 'replacing']
+           'RankZeroWeights', 'TrainingRun', 'EpochTimer', 'datamodule_for', 'SteadyProgressBar', 'run_callbacks',
+           'build_trainer', 'start_tracking', 'prepare_folder', 'expected_warnings_silenced', 'train_and_test',
+           'tracking_to', 'fit', 'confusion_figure', 'class_accuracy', 'heldout_set', 'why_champion_stays',
+           'promote_champion', 'model_metadata', 'run_description', 'register_model', 'plot_history', 'source_tags',
+           'replacing']
 
 # %% ../nbs/02_trainer.ipynb #7144f48e
 def warmup_then_decay(step: int,  # optimizer steps taken so far
@@ -130,8 +133,11 @@ class Classifier(L.LightningModule):
 def training_step(self: Classifier, batch, batch_idx):
     images, labels = batch
     loss = F.cross_entropy(self.net(images), labels, label_smoothing=self.settings.label_smoothing)
-    # only the steps Lightning writes to the logger: the same records, without the bookkeeping of every step
-    if (self.global_step + 1) % self.trainer.log_every_n_steps == 0: self.log('train/loss', loss)
+    # only on the steps Lightning writes to the logger, and all in one record: each record costs the tracking
+    # store a write, and the bookkeeping of a value not written would cost every step
+    if (self.global_step + 1) % self.trainer.log_every_n_steps == 0:
+        rates = {f'lr/{group["name"]}': group['lr'] for group in self.optimizers().optimizer.param_groups}
+        self.log_dict({'train/loss': loss, **rates})
     return loss
 
 @patch
@@ -377,9 +383,22 @@ def datamodule_for(cfg: Config, precision: str, channels_last: bool) -> CIFAR10D
     return CIFAR10DataModule(d.data_dir, d.batch_size, d.eval_batch_size, d.val_size, d.subset,
                              Augment(d.translate, d.flip, d.cutout), dtype, channels_last, cfg.training.seed)
 
+# %% ../nbs/02_trainer.ipynb #611c1b9e
+class SteadyProgressBar(RichProgressBar):
+    "Lightning's rich progress bar, redrawn during training at most every `interval` seconds (and at each epoch's end)."
+    def __init__(self, interval: float = 0.5):
+        super().__init__()
+        self.interval, self.drawn, self.redraws = interval, -math.inf, 0
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        now = time.monotonic()
+        if now - self.drawn < self.interval and batch_idx + 1 < self.total_train_batches: return
+        self.drawn, self.redraws = now, self.redraws + 1
+        super().on_train_batch_end(trainer, module, outputs, batch, batch_idx)
+
 # %% ../nbs/02_trainer.ipynb #c8485ec0
 def run_callbacks(cfg: Config, folder: Path,
-                  rank_zero: bool = True) -> list[L.Callback]:  # rank 0 of the run, the one with a logger
+                  ) -> list[L.Callback]:
     "The callbacks of a run of `cfg` that checkpoints into `folder`."
     last = ModelCheckpoint(folder, 'last', enable_version_counter=False, save_on_train_epoch_end=True)
     callbacks = [last, EpochTimer(), RankZeroWeights()]
@@ -387,7 +406,7 @@ def run_callbacks(cfg: Config, folder: Path,
         callbacks.append(ModelCheckpoint(folder, 'best', monitor='val/acc', mode='max', enable_version_counter=False,
                                          save_on_train_epoch_end=False))
     if cfg.training.lookahead_every: callbacks.append(Lookahead(cfg.training.lookahead_every))
-    if rank_zero: callbacks.append(LearningRateMonitor('step'))
+    if cfg.logging.progress_bar and find_spec('rich'): callbacks.append(SteadyProgressBar())
     return callbacks
 
 def build_trainer(cfg: Config, logger, callbacks: list, folder: Path | None = None) -> L.Trainer:
@@ -493,7 +512,7 @@ def _train(cfg: Config, resume: bool, uri: str, folder: Path,
     module = Classifier(asdict(cfg.model), asdict(cfg.training))
     if channels_last: module = module.to(memory_format=torch.channels_last)
     logger = start_tracking(cfg, uri, folder, resume, tags) if rank_zero else False
-    callbacks = run_callbacks(cfg, folder, rank_zero) + list(more_callbacks)
+    callbacks = run_callbacks(cfg, folder) + list(more_callbacks)
     trainer = build_trainer(cfg, logger, callbacks, folder)
     if rank_zero: prepare_folder(cfg, folder, logger, resume)
     test_metrics = train_and_test(trainer, module, datamodule_for(cfg, precision, channels_last), folder, resume,
@@ -529,6 +548,8 @@ def why_champion_stays(champion: dict,  # the champion's version tags
                        accuracy: float | None, heldout: dict) -> str | None:
     "Why a version of validation `accuracy` on `heldout` does not beat `champion`; `None` if it does."
     if accuracy is None: return 'the new version has no validation split (data.val_size 0) to compare on'
+    # a champion registered without a validation split has no measure to defend: a measured version takes over
+    if champion.get('val/acc', 'none') == 'none': return None
     if other := [f'{k} {heldout[k]}, not {champion.get(k)}' for k in heldout if champion.get(k) != heldout[k]]:
         return f'the new version was validated on other held-out images ({"; ".join(other)})'
     if accuracy <= float(champion['val/acc']):
@@ -547,10 +568,10 @@ def promote_champion(client: mlflow.MlflowClient, name: str, version: str,
     else:
         client.set_registered_model_alias(name, CHAMPION, version)
         line = f'{name} version {version} registered and made the champion'
+        theirs = champion and champion.tags.get('val/acc', 'none')
         if not champion: line += ', the first'
-        else:
-            theirs = float(champion.tags['val/acc'])
-            line += f' (val/acc {accuracy:.4f} beats version {champion.version}\'s {theirs:.4f})'
+        elif theirs == 'none': line += f' (val/acc {accuracy:.4f}; version {champion.version} was not validated)'
+        else: line += f' (val/acc {accuracy:.4f} beats version {champion.version}\'s {float(theirs):.4f})'
     for key, value in {**tags, CHAMPION: line}.items(): client.set_model_version_tag(name, version, key, value)
     return line
 

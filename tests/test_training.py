@@ -42,7 +42,7 @@ def test_cli_train_tracks_everything_on_a_server(tiny_data, mlflow_server, tmp_p
     assert params.keys() == flat_params(Config()).keys()
     steps_per_epoch = (1000 - 200) // 128
     assert len(client.get_metric_history(run.info.run_id, 'train/loss')) == 2 * steps_per_epoch  # every step
-    assert len(client.get_metric_history(run.info.run_id, 'lr-SGD/weights')) == 2 * steps_per_epoch
+    assert len(client.get_metric_history(run.info.run_id, 'lr/weights')) == 2 * steps_per_epoch
     assert len(client.get_metric_history(run.info.run_id, 'val/acc')) == 1  # the final model's (val_every_n_epochs)
     assert {'test/acc', 'test/loss'} <= metrics.keys() and 0 <= metrics['test/acc'] <= 1
     assert not [key for key in metrics if key.startswith('test/acc/')]  # per class: one table, not ten charts
