@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from cifar10.data import ARCHIVE_URL, cache_dir
+
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_ARCHIVE = ROOT.parent/'shared'/'cifar10'/'cifar-10-python.tar.gz'
 VENV_BIN = Path(sys.executable).parent  # the project's environment: its console scripts, dvc, nbdev_*
@@ -30,8 +32,9 @@ def run_cli(*args, cwd=ROOT, env=None, timeout=600) -> subprocess.CompletedProce
 
 @pytest.fixture(scope='session')
 def archive() -> Path:
-    "The real CIFAR-10 archive: $CIFAR10_ARCHIVE, else the copy in ../shared beside the repo."
-    path = Path(os.environ.get('CIFAR10_ARCHIVE') or SHARED_ARCHIVE)
+    "The real CIFAR-10 archive: $CIFAR10_ARCHIVE, else the copy in ../shared, else `cifar10 data`'s download."
+    downloaded = cache_dir()/Path(ARCHIVE_URL).name  # where find_archive keeps it
+    path = Path(os.environ.get('CIFAR10_ARCHIVE') or (SHARED_ARCHIVE if SHARED_ARCHIVE.exists() else downloaded))
     if not path.is_file():
         pytest.fail(f'no CIFAR-10 archive at {path}: set CIFAR10_ARCHIVE to a cifar-10-python.tar.gz')
     return path
