@@ -10,15 +10,16 @@ from pathlib import Path
 from typing import Literal, Optional, get_args, get_type_hints
 
 import yaml
+from fastcore.basics import patch
 from fastcore.docments import docments
 from jsonargparse import ActionConfigFile, ArgumentError, ArgumentParser
-from jsonargparse.typing import (ClosedUnitInterval, NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt,
-                                 restricted_number_type)
+from jsonargparse.typing import (ClosedUnitInterval, NonNegativeFloat, NonNegativeInt,
+                                 PositiveFloat, PositiveInt, restricted_number_type)
 
 # %% auto #0
 __all__ = ['SECTIONS', 'BACKENDS', 'EXPORT_FORMATS', 'Port', 'DataConfig', 'ModelConfig', 'TrainingConfig', 'LoggingConfig',
            'Config', 'field_comments', 'add_settings_flags', 'UserError', 'ConfigError', 'config_parser', 'read_yaml',
-           'config_from_namespace', 'check_config', 'load_config', 'config_to_yaml', 'flat_params', 'CheckpointError',
+           'check_config', 'config_from_namespace', 'load_config', 'config_to_yaml', 'flat_params', 'CheckpointError',
            'tta_level', 'ModelDescription', 'ModelSource', 'PredictorSettings', 'InferSettings', 'ExportSettings',
            'ServeSettings', 'settings_from_namespace', 'SweepConfig']
 
@@ -29,56 +30,76 @@ class DataConfig:
     data_dir: str = 'data'  # where `cifar10 data` wrote train/ and test/
     batch_size: PositiveInt = 1024  # training images per step
     eval_batch_size: PositiveInt = 2048  # images per validation and test step
-    val_size: NonNegativeInt = 0  # training images held out for validation (0: none, no epoch is chosen)
-    subset: Optional[PositiveInt] = None  # use only this many images of each split (a fixed random choice)
+    # training images held out for validation (0: none, no epoch is chosen)
+    val_size: NonNegativeInt = 0
+    # use only this many images of each split (a fixed random choice)
+    subset: Optional[PositiveInt] = None
     translate: NonNegativeInt = 2  # random shift of training images, in pixels (0: none)
-    # mirror half the training images: a fixed random half in even epochs and the other half in odd ones
-    # (alternating), or a new random half every epoch (random)
+    # mirror half the training images: a fixed random half in even epochs and the other half in
+    # odd ones (alternating), or a new random half every epoch (random)
     flip: Literal['alternating', 'random', 'none'] = 'alternating'
     cutout: NonNegativeInt = 0  # side of a square hidden in each training image (0: none)
 
+# %% ../nbs/01a_config.ipynb #c98438a4
 @dataclass
 class ModelConfig:
     "Which network."
     arch: Literal['fastnet', 'resnet9', 'resnet18'] = 'fastnet'  # see the model chapter
     width: PositiveInt = 32  # channels of the first stage; later stages have multiples of it
 
+# %% ../nbs/01a_config.ipynb #e810e110
 @dataclass
 class TrainingConfig:
     "How to train: optimizer, schedule, precision, where checkpoints go."
     max_epochs: PositiveInt = 12  # passes over the training images
-    lr: PositiveFloat = 11.5  # peak step size per 1024 images, independent of momentum (decoupled)
+    # peak step size per 1024 images, independent of momentum (decoupled)
+    lr: PositiveFloat = 11.5
     momentum: ClosedUnitInterval = 0.85  # SGD momentum (Nesterov)
-    weight_decay: NonNegativeFloat = 0.0153  # decay per 1024 images, independent of lr (not of norms or biases)
-    bias_lr_scale: PositiveFloat = 64.0  # the batch norms' biases step this many times faster (and decay no faster)
+    # decay per 1024 images, independent of lr (not of norms or biases)
+    weight_decay: NonNegativeFloat = 0.0153
+    # the batch norms' biases step this many times faster (and decay no faster)
+    bias_lr_scale: PositiveFloat = 64.0
     norm_scales: bool = False  # learn the batch norms' scales too (default: only their biases)
     warmup_epochs: NonNegativeFloat = 2.0  # linear warm-up to `lr`, then linear decay to zero
     label_smoothing: ClosedUnitInterval = 0.2  # of the training cross-entropy
-    lookahead_every: NonNegativeInt = 5  # steps between pulls of the weights to their moving average (0: never)
-    whiten_bias_epochs: NonNegativeInt = 3  # epochs in which FastNet's whitening biases learn; then they are fixed
-    val_every_n_epochs: Optional[PositiveInt] = None  # validate every n epochs (default: after the last only)
-    # test-time augmentation: average the logits of each image and its mirror image (mirror), and of both
-    # shifted by a pixel (mirror_translate); see the model chapter
+    # steps between pulls of the weights to their moving average (0: never)
+    lookahead_every: NonNegativeInt = 5
+    # epochs in which FastNet's whitening biases learn; then they are fixed
+    whiten_bias_epochs: NonNegativeInt = 3
+    # validate every n epochs (default: after the last only)
+    val_every_n_epochs: Optional[PositiveInt] = None
+    # test-time augmentation: average the logits of each image and its mirror image (mirror),
+    # and of both shifted by a pixel (mirror_translate); see the model chapter
     tta: Literal['none', 'mirror', 'mirror_translate'] = 'mirror_translate'
-    precision: Literal['auto', '32-true', 'bf16-mixed', '16-mixed'] = 'auto'  # auto: bf16-mixed where fast, else 32
-    accelerator: Literal['auto', 'cpu', 'gpu', 'cuda', 'mps'] = 'auto'  # where to train (auto: a GPU if there is one)
-    channels_last: Optional[bool] = None  # memory layout of images and weights (default: with bf16)
+    # auto: bf16-mixed where fast, else 32
+    precision: Literal['auto', '32-true', 'bf16-mixed', '16-mixed'] = 'auto'
+    # where to train (auto: a GPU if there is one)
+    accelerator: Literal['auto', 'cpu', 'gpu', 'cuda', 'mps'] = 'auto'
+    # memory layout of images and weights (default: with bf16)
+    channels_last: Optional[bool] = None
     seed: int = 0  # seeds weights, shuffles and augmentations
     models_dir: str = 'models'  # checkpoints go to models_dir/<run name>/
-    devices: PositiveInt = 1  # processes per machine, one per GPU; each takes data.batch_size / (devices × num_nodes)
-    num_nodes: PositiveInt = 1  # machines, each started with torchrun or srun (one machine: `fit` starts them)
-    strategy: Literal['auto', 'ddp'] = 'auto'  # auto: DDP (distributed data-parallel) with more than one process
+    # processes per machine, one per GPU; each takes data.batch_size / (devices × num_nodes)
+    devices: PositiveInt = 1
+    # machines, each started with torchrun or srun (one machine: `fit` starts them)
+    num_nodes: PositiveInt = 1
+    # auto: DDP (distributed data-parallel) with more than one process
+    strategy: Literal['auto', 'ddp'] = 'auto'
 
+# %% ../nbs/01a_config.ipynb #885f64d3
 @dataclass
 class LoggingConfig:
     "Where the run is tracked."
-    tracking_uri: Optional[str] = None  # MLflow server or store; default $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db
+    # MLflow server or store; default $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db
+    tracking_uri: Optional[str] = None
     experiment: str = 'cifar10'  # MLflow experiment
-    run_name: Optional[str] = None  # names the MLflow run and the checkpoint folder (default: arch and time)
+    # names the MLflow run and the checkpoint folder (default: arch and time)
+    run_name: Optional[str] = None
     registered_model: str = 'cifar10-classifier'  # name in the MLflow model registry
     log_every_n_steps: PositiveInt = 10  # how often step metrics (loss, lr) are logged
     progress_bar: bool = True  # show a progress bar while training
 
+# %% ../nbs/01a_config.ipynb #07b20125
 @dataclass
 class Config:
     "Everything a training run needs."
@@ -91,32 +112,37 @@ class Config:
 def field_comments(cls) -> dict:
     "The comment of each field of dataclass `cls`, its base classes' fields included."
     comments = [docments(base) for base in reversed(cls.__mro__) if is_dataclass(base)]
-    return {k: v for c in comments for k, v in c.items() if v is not None}  # a subclass has None for its bases'
+    # a subclass has None for its bases' fields
+    return {k: v for c in comments for k, v in c.items() if v is not None}
 
+# %% ../nbs/01a_config.ipynb #253eb210
 def add_settings_flags(parser: ArgumentParser, cls, prefix: str = ''):
-    "A flag `--{prefix}{field}` for each field of dataclass `cls`, with its type, default and comment."
+    "A flag `--{prefix}{field}` for each field of dataclass `cls`: its type, default and comment."
     types, comments = get_type_hints(cls), field_comments(cls)
     for f in fields(cls):
         default = {'required': True} if f.default is MISSING else {'default': f.default}
-        parser.add_argument(f'--{prefix}{f.name}', type=types[f.name], help=comments.get(f.name), **default)
+        parser.add_argument(f'--{prefix}{f.name}', type=types[f.name], help=comments.get(f.name),
+                            **default)
 
 # %% ../nbs/01a_config.ipynb #a618fc41
 class UserError(Exception):
     "Bad input from the user; the message says what is wrong, where, and what to do."
 
 class ConfigError(UserError, ValueError):
-    "A configuration value that is unknown, of the wrong type or out of range; the message names the key."
+    "A configuration value unknown, of the wrong type or out of range; the message names the key."
 
-SECTIONS = {f.name: f.default_factory for f in fields(Config)}  # section name -> its dataclass
-BACKENDS = ('torch', 'onnx', 'onnx-int8', 'openvino')  # how a trained model runs: PyTorch, ONNX Runtime, OpenVINO
-EXPORT_FORMATS = ('onnx', 'onnx-int8')  # what `cifar10 export` writes: float32 ONNX, int8 ONNX
+# %% ../nbs/01a_config.ipynb #a57cedb5
+# section name -> its dataclass
+SECTIONS = {f.name: f.default_factory for f in fields(Config)}
 
 def config_parser(**kwargs) -> ArgumentParser:
     "A parser of `Config`: `--config FILE`, then `--section.key value` flags (spelled in full)."
     parser = ArgumentParser(allow_abbrev=False, **kwargs)
-    parser.add_argument('--config', action=ActionConfigFile, help='a YAML file of settings, e.g. conf/cpu.yaml')
+    parser.add_argument('--config', action=ActionConfigFile,
+                        help='a YAML file of settings, e.g. conf/cpu.yaml')
     for section, cls in SECTIONS.items():
-        group = parser.add_argument_group(f'{section}: {cls.__doc__.rstrip(".")}')  # argparse appends the colon
+        # argparse appends the colon
+        group = parser.add_argument_group(f'{section}: {cls.__doc__.rstrip(".")}')
         add_settings_flags(group, cls, f'{section}.')
     return parser
 
@@ -124,47 +150,57 @@ def config_parser(**kwargs) -> ArgumentParser:
 def read_yaml(path: str | Path) -> dict:
     "The mapping in the YAML file at `path`."
     try: values = yaml.safe_load(Path(path).read_text())
-    except (OSError, yaml.YAMLError) as e: raise ConfigError(f'{path}: cannot read it as YAML ({e})') from None
+    except (OSError, yaml.YAMLError) as e:
+        raise ConfigError(f'{path}: cannot read it as YAML ({e})') from None
     if not isinstance(values, (dict, type(None))):
         raise ConfigError(f'{path}: expected sections such as training:, found {values!r}')
     return values or {}
 
+# %% ../nbs/01a_config.ipynb #ea7b7d50
 def _plain(value):
-    "`value` as a plain `int` or `float` if it is one of jsonargparse's restricted numbers (`PositiveInt`, ...)."
+    "`value` as a plain `int` or `float` if it is one of jsonargparse's restricted numbers."
     if isinstance(value, bool) or not isinstance(value, (int, float)): return value
     return int(value) if isinstance(value, int) else float(value)
 
+# %% ../nbs/01a_config.ipynb #c8832448
+def check_config(cfg: Config) -> Config:
+    "`cfg`, after checking what no single type can: values that depend on each other, folder names."
+    if cfg.training.warmup_epochs > cfg.training.max_epochs:
+        raise ConfigError(f'training.warmup_epochs: {cfg.training.warmup_epochs} is more than '
+                          f'training.max_epochs ({cfg.training.max_epochs}); the learning rate '
+                          'would never reach its peak')
+    d = cfg.data
+    if d.subset and d.val_size >= d.subset:
+        raise ConfigError(f'data.val_size: {d.val_size} held out of a subset of {d.subset} leaves '
+                          'nothing to train on')
+    if d.subset and d.batch_size > d.subset - d.val_size:
+        raise ConfigError(f'data.batch_size: {d.batch_size} is more than the '
+                          f'{d.subset - d.val_size} training images of the subset; with incomplete '
+                          'batches dropped, no step would be taken')
+    processes = cfg.training.devices * cfg.training.num_nodes
+    if d.batch_size % processes:
+        raise ConfigError(f'data.batch_size: {d.batch_size} does not divide among the {processes} '
+                          'processes of training.devices × training.num_nodes; choose a multiple '
+                          f'of {processes}')
+    name = cfg.logging.run_name
+    if name is not None and (not name or name.startswith('.') or '/' in name or '\\' in name):
+        raise ConfigError(f'logging.run_name: {name!r} must be a plain folder name (no slashes, '
+                          'not starting with a dot): it names the folder under training.models_dir')
+    return cfg
+
+# %% ../nbs/01a_config.ipynb #c5ec098a
 def config_from_namespace(namespace) -> Config:
-    "The `Config` that a parsed namespace holds; a missing (null) value is an error unless the key is optional."
+    "The `Config` that a parsed namespace holds; a null is an error unless the key is optional."
     values = namespace.as_dict()
     for section, cls in SECTIONS.items():
         for key, kind in get_type_hints(cls).items():
             if values[section][key] is None and type(None) not in get_args(kind):
                 raise ConfigError(f'{section}.{key}: a value is required, got null')
-    return check_config(Config(**{section: cls(**{key: _plain(value) for key, value in values[section].items()})
-                                  for section, cls in SECTIONS.items()}))
+    sections = {section: cls(**{key: _plain(value) for key, value in values[section].items()})
+                for section, cls in SECTIONS.items()}
+    return check_config(Config(**sections))
 
-def check_config(cfg: Config) -> Config:
-    "`cfg`, after checking what no single type can: values that depend on each other, names that become folders."
-    if cfg.training.warmup_epochs > cfg.training.max_epochs:
-        raise ConfigError(f'training.warmup_epochs: {cfg.training.warmup_epochs} is more than training.max_epochs '
-                          f'({cfg.training.max_epochs}); the learning rate would never reach its peak')
-    d = cfg.data
-    if d.subset and d.val_size >= d.subset:
-        raise ConfigError(f'data.val_size: {d.val_size} held out of a subset of {d.subset} leaves nothing to train on')
-    if d.subset and d.batch_size > d.subset - d.val_size:
-        raise ConfigError(f'data.batch_size: {d.batch_size} is more than the {d.subset - d.val_size} training images '
-                          'of the subset; with incomplete batches dropped, no step would be taken')
-    processes = cfg.training.devices * cfg.training.num_nodes
-    if d.batch_size % processes:
-        raise ConfigError(f'data.batch_size: {d.batch_size} does not divide among the {processes} processes of '
-                          f'training.devices × training.num_nodes; choose a multiple of {processes}')
-    name = cfg.logging.run_name
-    if name is not None and (not name or name.startswith('.') or '/' in name or '\\' in name):
-        raise ConfigError(f'logging.run_name: {name!r} must be a plain folder name (no slashes, not starting '
-                          f'with a dot): it names the folder under training.models_dir')
-    return cfg
-
+# %% ../nbs/01a_config.ipynb #da8e0be5
 def load_config(config_file: str | Path | None = None,  # a YAML preset, e.g. conf/smoke.yaml
                 overrides: dict | None = None,  # {section: {key: value}} applied on top of it
                ) -> Config:
@@ -172,7 +208,9 @@ def load_config(config_file: str | Path | None = None,  # a YAML preset, e.g. co
     parser = config_parser(exit_on_error=False)
     try:
         namespace = parser.parse_object({})
-        if config_file: namespace = parser.parse_object(read_yaml(config_file), namespace=namespace, defaults=False)
+        if config_file:
+            namespace = parser.parse_object(read_yaml(config_file), namespace=namespace,
+                                            defaults=False)
         namespace = parser.parse_object(overrides or {}, namespace=namespace, defaults=False)
     except ArgumentError as e:
         raise ConfigError(f'{config_file or "configuration"}: {" ".join(str(e).split())}') from None
@@ -183,23 +221,27 @@ def config_to_yaml(cfg: Config) -> str:
     "`cfg` as a YAML document of its sections."
     return yaml.safe_dump(asdict(cfg), sort_keys=False)
 
+# %% ../nbs/01a_config.ipynb #fd5daf0e
 def flat_params(cfg: Config) -> dict:
     "`cfg` as `{'section.key': value}`, the names MLflow shows."
-    return {f'{section}.{key}': value for section, values in asdict(cfg).items() for key, value in values.items()}
+    return {f'{section}.{key}': value
+            for section, values in asdict(cfg).items() for key, value in values.items()}
 
 # %% ../nbs/01a_config.ipynb #21ed808e
 class CheckpointError(UserError):
     "A model file that cannot be found or loaded; the message says which, and what exists."
 
+def _not_a_description(source: str, e: Exception) -> CheckpointError:
+    return CheckpointError(f'{source}: not a model of cifar10 train, or of another version of it '
+                           f'({type(e).__name__}: {e})')
+
+# %% ../nbs/01a_config.ipynb #ff933397
 def tta_level(value: bool | str) -> str:
     "`value` as a test-time augmentation level; older runs stored a bool (`True`: mirror)."
     if isinstance(value, bool): return 'mirror' if value else 'none'
     return value
 
-def _not_a_description(source: str, e: Exception) -> CheckpointError:
-    return CheckpointError(f'{source}: not a model of cifar10 train, or of another version of it '
-                           f'({type(e).__name__}: {e})')
-
+# %% ../nbs/01a_config.ipynb #95d163eb
 @dataclass
 class ModelDescription:
     "What inference needs besides the weights, and where the model came from."
@@ -211,35 +253,44 @@ class ModelDescription:
     checkpoint_sha256: Optional[str] = None  # of an export: the checkpoint it was made from
     source: Optional[str] = None  # where it was loaded from: a file or a registry URI
 
-    @classmethod
-    def from_dict(cls, values: dict, source: str) -> ModelDescription:
-        "The description that `as_dict` (or an older version) wrote into `values`, read from `source`."
-        try:
-            return cls(**{**values, 'model': ModelConfig(**values['model']), 'classes': tuple(values['classes']),
-                          'mean': tuple(values['mean']), 'std': tuple(values['std']),
-                          'tta': tta_level(values.get('tta', 'none')), 'source': source})
-        except (KeyError, TypeError) as e: raise _not_a_description(source, e) from None
+# %% ../nbs/01a_config.ipynb #5915bc04
+@patch
+def as_dict(self: ModelDescription) -> dict:
+    "What model files and the registry store: plain JSON and YAML values, without `source`."
+    lists = {'classes': list(self.classes), 'mean': list(self.mean), 'std': list(self.std)}
+    return {**{k: v for k, v in asdict(self).items() if k != 'source'}, **lists}
 
-    @classmethod
-    def from_hparams(cls, hparams: dict, source: Optional[str] = None) -> ModelDescription:
-        "The description of a network the trainer built from `hparams` (a checkpoint's hyperparameters)."
-        try: values = {k: hparams[k] for k in ('model', 'classes', 'mean', 'std')}
-        except (KeyError, TypeError) as e: raise _not_a_description(source, e) from None
-        return cls.from_dict({**values, 'tta': hparams.get('training', {}).get('tta', 'none')}, source)
+# %% ../nbs/01a_config.ipynb #f8098cbe
+@patch(cls_method=True)
+def from_dict(cls: ModelDescription, values: dict, source: str) -> ModelDescription:
+    "The description that `as_dict` (or an older version) wrote into `values`, read from `source`."
+    try:
+        return cls(**{**values, 'model': ModelConfig(**values['model']),
+                      'classes': tuple(values['classes']), 'mean': tuple(values['mean']),
+                      'std': tuple(values['std']), 'tta': tta_level(values.get('tta', 'none')),
+                      'source': source})
+    except (KeyError, TypeError) as e: raise _not_a_description(source, e) from None
 
-    def as_dict(self) -> dict:
-        "What model files and the registry store: plain JSON and YAML values, without `source`."
-        lists = {'classes': list(self.classes), 'mean': list(self.mean), 'std': list(self.std)}
-        return {**{k: v for k, v in asdict(self).items() if k != 'source'}, **lists}
+# %% ../nbs/01a_config.ipynb #5bc8d94a
+@patch(cls_method=True)
+def from_hparams(cls: ModelDescription, hparams: dict, source: Optional[str] = None
+                ) -> ModelDescription:
+    "The description of a network that the trainer built from `hparams` (a checkpoint's)."
+    try: values = {k: hparams[k] for k in ('model', 'classes', 'mean', 'std')}
+    except (KeyError, TypeError) as e: raise _not_a_description(source, e) from None
+    return cls.from_dict({**values, 'tta': hparams.get('training', {}).get('tta', 'none')}, source)
 
 # %% ../nbs/01a_config.ipynb #f18ebefa
-Port = restricted_number_type('Port', int, [('>=', 1024), ('<=', 65535)])  # one a user may listen on
-
 @dataclass
 class ModelSource:
     "Which trained model."
-    checkpoint_name: str  # a run in models_dir, RUN/best, a .ckpt or .onnx file, models:/NAME/VERSION or @champion
+    # a run in models_dir, RUN/best, a .ckpt or .onnx file, models:/NAME/VERSION or @champion
+    checkpoint_name: str
     models_dir: str = 'models'  # where checkpoint names are looked up
+
+# %% ../nbs/01a_config.ipynb #659ab103
+# how a trained model runs: PyTorch, ONNX Runtime, OpenVINO
+BACKENDS = ('torch', 'onnx', 'onnx-int8', 'openvino')
 
 @dataclass
 class PredictorSettings(ModelSource):
@@ -249,11 +300,16 @@ class PredictorSettings(ModelSource):
     threads: NonNegativeInt = 0  # threads of the ONNX backends (0: their choice, one per core)
     top_k: PositiveInt = 3  # how many classes to report per picture
 
+# %% ../nbs/01a_config.ipynb #856c03e5
 @dataclass
 class InferSettings(PredictorSettings):
     "What to do with the results."
     output: Optional[str] = None  # also write them here: .csv or .json; test metrics: .json
     data_dir: str = 'data'  # where `cifar10 data` wrote the test split
+
+# %% ../nbs/01a_config.ipynb #a7618b11
+# what `cifar10 export` writes: float32 ONNX, int8 ONNX
+EXPORT_FORMATS = ('onnx', 'onnx-int8')
 
 @dataclass
 class ExportSettings(ModelSource):
@@ -261,6 +317,10 @@ class ExportSettings(ModelSource):
     format: Literal[EXPORT_FORMATS] = 'onnx'  # float32, or int8 calibrated on training images
     data_dir: str = 'data'  # the test split for the check, training images for calibration
     calibration_size: PositiveInt = 512  # training images that calibrate the int8 ranges
+
+# %% ../nbs/01a_config.ipynb #5297beec
+# one a user may listen on
+Port = restricted_number_type('Port', int, [('>=', 1024), ('<=', 65535)])
 
 @dataclass
 class ServeSettings(PredictorSettings):
@@ -279,13 +339,18 @@ def settings_from_namespace(cls, namespace):
 # %% ../nbs/01a_config.ipynb #f080a58f
 @dataclass
 class SweepConfig:
-    "A hyperparameter search: the settings to try, what judges them, and the study that workers share."
+    "A hyperparameter search: the settings to try, what judges them, the study that workers share."
     space: dict  # `section.key` -> {low, high} (and log, step), or a list of choices
-    study: str = 'cifar10-sweep'  # the Optuna study: every worker that names it, in the same storage, joins it
-    storage: Optional[str] = None  # Optuna's database (default sqlite:///optuna.db); postgresql://... for many machines
+    # the Optuna study: every worker that names it, in the same storage, joins it
+    study: str = 'cifar10-sweep'
+    # Optuna's database (default sqlite:///optuna.db); postgresql://... for many machines
+    storage: Optional[str] = None
     trials: PositiveInt = 10  # how many trials this worker runs
-    metric: Literal['val/acc', 'val/loss'] = 'val/acc'  # what judges a trial: measured on held-out training images
-    pruning: bool = True  # stop a trial whose metric at an epoch is worse than the median of earlier trials there
+    # what judges a trial: measured on held-out training images
+    metric: Literal['val/acc', 'val/loss'] = 'val/acc'
+    # stop a trial whose metric at an epoch is worse than the median of earlier trials there
+    pruning: bool = True
     startup_trials: NonNegativeInt = 2  # trials that finish before any is pruned
     seed: Optional[int] = None  # seeds the sampler, for a repeatable sweep by one worker
-    output: Optional[str] = None  # where the best trial's settings go, a preset (default: conf/best-<study>.yaml)
+    # where the best trial's settings go, a preset (default: conf/best-<study>.yaml)
+    output: Optional[str] = None

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from fastcore.basics import patch
 from tqdm import tqdm
 
 from .config import UserError
@@ -36,13 +37,18 @@ __all__ = ['CLASSES', 'SPLIT_SIZES', 'BATCHES', 'ARCHIVE_URL', 'ARCHIVE_MD5', 'A
 
 # %% ../nbs/00_data.ipynb #e3826445
 CLASSES = ('airplane', 'automobile', 'bird', 'cat', 'deer', 'dog', 'frog', 'horse', 'ship', 'truck')
-SPLIT_SIZES = {'train': 50_000, 'test': 10_000}  # images per split in the official release
+# images per split in the official release
+SPLIT_SIZES = {'train': 50_000, 'test': 10_000}
 BATCHES = {'train': tuple(f'data_batch_{i}' for i in range(1, 6)), 'test': ('test_batch',)}
 ARCHIVE_URL = 'https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz'
-ARCHIVE_MD5 = 'c58f30108f718f92721af3b95e74349a'  # published on https://www.cs.toronto.edu/~kriz/cifar.html
-ARCHIVE_FOLDER = 'cifar-10-batches-py'  # the folder inside the archive that holds the batches
-MEAN = (0.4914, 0.4822, 0.4465)  # per-channel mean of the training images, pixels scaled to 0..1
-STD = (0.2470, 0.2435, 0.2616)  # per-channel standard deviation, likewise
+# published on https://www.cs.toronto.edu/~kriz/cifar.html
+ARCHIVE_MD5 = 'c58f30108f718f92721af3b95e74349a'
+# the folder inside the archive that holds the batches
+ARCHIVE_FOLDER = 'cifar-10-batches-py'
+# per-channel mean of the training images, pixels scaled to 0..1
+MEAN = (0.4914, 0.4822, 0.4465)
+# per-channel standard deviation, likewise
+STD = (0.2470, 0.2435, 0.2616)
 
 # %% ../nbs/00_data.ipynb #b6f3bf41
 class DataError(UserError):
@@ -51,19 +57,20 @@ class DataError(UserError):
 # %% ../nbs/00_data.ipynb #5554310a
 @contextmanager
 def atomic_path(dest: str | Path):  # the file or folder to (re)place
-    "Yield a temporary path beside `dest` to write to; move it onto `dest` only if the block succeeds."
+    "Yield a temporary path beside `dest` to write to; move it onto `dest` if the block succeeds."
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
     scratch = Path(tempfile.mkdtemp(prefix=f'.{dest.name}.', suffix='.tmp', dir=dest.parent))
     try:
         yield scratch/dest.name
-        if dest.is_dir() and not dest.is_symlink(): dest.rename(scratch/'replaced')  # a folder can't be overwritten
+        # a folder can't be overwritten: move it out of the way first
+        if dest.is_dir() and not dest.is_symlink(): dest.rename(scratch/'replaced')
         os.replace(scratch/dest.name, dest)
     finally: shutil.rmtree(scratch, ignore_errors=True)
 
 # %% ../nbs/00_data.ipynb #cd8e604d
 def cache_dir() -> Path:
-    "Where downloads are kept: `$CIFAR10_CACHE`, else `$XDG_CACHE_HOME/cifar10`, else `~/.cache/cifar10`."
+    "Where downloads go: `$CIFAR10_CACHE`, else `$XDG_CACHE_HOME/cifar10`, else `~/.cache/cifar10`."
     if folder := os.environ.get('CIFAR10_CACHE'): return Path(folder)
     return Path(os.environ.get('XDG_CACHE_HOME') or Path.home()/'.cache')/'cifar10'
 
@@ -79,47 +86,64 @@ def download(url: str,  # where to get the file
             ) -> Path:
     "Download `url` to `dest` with a progress bar, keeping it only if its md5 is `md5`."
     dest, digest = Path(dest), hashlib.md5()
-    try: dest.parent.mkdir(parents=True, exist_ok=True); writable = os.access(dest.parent, os.W_OK)
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        writable = os.access(dest.parent, os.W_OK)
     except OSError: writable = False
-    if not writable: raise DataError(f'{dest.parent}: cannot write there; set CIFAR10_CACHE to a writable folder')
+    if not writable:
+        raise DataError(f'{dest.parent}: cannot write there; '
+                        'set CIFAR10_CACHE to a writable folder')
     with atomic_path(dest) as tmp:
         try:
             with urllib.request.urlopen(url, timeout=60) as response, open(tmp, 'wb') as f:
                 size = int(response.headers.get('Content-Length') or 0) or None
-                with tqdm(total=size, unit='B', unit_scale=True, desc=f'downloading {dest.name}') as bar:
+                progress = dict(unit='B', unit_scale=True, desc=f'downloading {dest.name}')
+                with tqdm(total=size, **progress) as bar:
                     while chunk := response.read(1 << 20):
-                        f.write(chunk); digest.update(chunk); bar.update(len(chunk))
-        except (urllib.error.URLError, OSError, ValueError) as e:  # ValueError: not a URL at all
-            raise DataError(f'could not download {url} ({getattr(e, "reason", e)}); check the URL and the connection, '
-                            'or pass --archive PATH (or set CIFAR10_ARCHIVE) to a copy of the archive') from None
+                        f.write(chunk)
+                        digest.update(chunk)
+                        bar.update(len(chunk))
+        # ValueError: not a URL at all
+        except (urllib.error.URLError, OSError, ValueError) as e:
+            raise DataError(f'could not download {url} ({getattr(e, "reason", e)}); check the URL '
+                            'and the connection, or pass --archive PATH (or set CIFAR10_ARCHIVE) '
+                            'to a copy of the archive') from None
         if digest.hexdigest() != md5:
-            raise DataError(f'the download of {url} has md5 {digest.hexdigest()}, not the published {md5}: it is '
-                            'damaged or not the official file; nothing was kept, run the command again')
+            raise DataError(f'the download of {url} has md5 {digest.hexdigest()}, not the '
+                            f'published {md5}: it is damaged or not the official file; nothing was '
+                            'kept, run the command again')
     return dest
 
 # %% ../nbs/00_data.ipynb #8f40bba2
 def find_archive(archive: str | Path | None = None,  # a local copy of cifar-10-python.tar.gz
                  sha256: str | None = None,  # the sha256 that local copy must have
                  url: str = ARCHIVE_URL, md5: str = ARCHIVE_MD5) -> Path:
-    "The archive to read: `archive`, else `$CIFAR10_ARCHIVE`, else the official one, downloaded once to `cache_dir()`."
+    "The archive: `archive`, else `$CIFAR10_ARCHIVE`, else the official one, cached in `cache_dir`."
     if archive := archive or os.environ.get('CIFAR10_ARCHIVE'):
         path = Path(archive)
         if not path.is_file():
-            raise DataError(f'{path}: no such file; give the path of cifar-10-python.tar.gz with --archive '
-                            '(or CIFAR10_ARCHIVE), or neither to download the official archive')
+            raise DataError(f'{path}: no such file; give the path of cifar-10-python.tar.gz with '
+                            '--archive (or CIFAR10_ARCHIVE), or neither to download the official '
+                            'archive')
         if sha256 and (found := file_digest(path, 'sha256')) != sha256.lower():
-            raise DataError(f'{path}: sha256 is {found}, not the expected {sha256}; use the right file or fix --sha256')
+            raise DataError(f'{path}: sha256 is {found}, not the expected {sha256}; use the right '
+                            'file or fix --sha256')
         return path
     cached = cache_dir()/Path(url).name
     if cached.is_file() and file_digest(cached) == md5: return cached
     return download(url, cached, md5)
 
 # %% ../nbs/00_data.ipynb #02a31368
-_reconstruct = np.empty(0).__reduce__()[0]  # the function numpy pickles arrays with, wherever this numpy keeps it
-_ARRAY_GLOBALS = {('numpy.core.multiarray', '_reconstruct'): _reconstruct,  # numpy 1 names it so (the official files)
-                  ('numpy._core.multiarray', '_reconstruct'): _reconstruct,  # numpy 2 names it so
-                  ('numpy', 'ndarray'): np.ndarray, ('numpy', 'dtype'): np.dtype}
+# the function numpy pickles arrays with, wherever this numpy keeps it
+_reconstruct = np.empty(0).__reduce__()[0]
+_ARRAY_GLOBALS = {
+    # numpy 1 names it so (the official files)
+    ('numpy.core.multiarray', '_reconstruct'): _reconstruct,
+    # numpy 2 names it so
+    ('numpy._core.multiarray', '_reconstruct'): _reconstruct,
+    ('numpy', 'ndarray'): np.ndarray, ('numpy', 'dtype'): np.dtype}
 
+# %% ../nbs/00_data.ipynb #da000012
 class BatchUnpickler(pickle.Unpickler):
     "Unpickles a CIFAR-10 batch, refusing every global but the few that rebuild a numpy array."
     def __init__(self, file, member: str):  # `member` names the batch in error messages
@@ -128,12 +152,13 @@ class BatchUnpickler(pickle.Unpickler):
 
     def find_class(self, module, name):
         if (module, name) in _ARRAY_GLOBALS: return _ARRAY_GLOBALS[module, name]
-        raise DataError(f'{self.member}: the pickle asks for {module}.{name}, which no CIFAR-10 batch needs; '
-                        'refusing to load it (the archive is damaged, not CIFAR-10, or malicious)')
+        raise DataError(f'{self.member}: the pickle asks for {module}.{name}, which no CIFAR-10 '
+                        'batch needs; refusing to load it (the archive is damaged, not CIFAR-10, '
+                        'or malicious)')
 
 # %% ../nbs/00_data.ipynb #43418bb0
 class _Py2Pickler(pickle._Pickler):
-    "The pure-Python pickler, writing `bytes` as Python 2 `str` (opcodes SHORT_BINSTRING / BINSTRING)."
+    "The pure-Python pickler, writing `bytes` as Python 2 `str` (SHORT_BINSTRING / BINSTRING)."
     dispatch = pickle._Pickler.dispatch.copy()
     def save_py2_str(self, data: bytes):
         if len(data) < 256: self.write(pickle.SHORT_BINSTRING + bytes([len(data)]) + data)
@@ -141,6 +166,7 @@ class _Py2Pickler(pickle._Pickler):
         self.memoize(data)
     dispatch[bytes] = save_py2_str
 
+# %% ../nbs/00_data.ipynb #da000014
 def py2_pickle(obj) -> bytes:
     "`obj` pickled with protocol 2 as Python 2 would: the format of the official CIFAR-10 batches."
     buffer = io.BytesIO()
@@ -151,16 +177,18 @@ def py2_pickle(obj) -> bytes:
 def synthetic_batches(n_train: int = 50,  # training images, spread evenly over the five batches
                       n_test: int = 10,  # test images
                       seed: int = 0) -> dict:
-    "The members of a CIFAR-10 archive holding random images, every class equally often in every batch."
+    "The members of a CIFAR-10 archive of random images, every class equally often in every batch."
     rng = np.random.default_rng(seed)
     def batch(n, title):
         labels = rng.permutation(np.arange(n) % len(CLASSES))
         return {'batch_label': title, 'labels': [int(o) for o in labels],
                 'data': rng.integers(0, 256, (n, 3072), dtype=np.uint8),
                 'filenames': [f'{CLASSES[o]}_{i:05d}.png' for i, o in enumerate(labels)]}
-    members = {name: batch(n_train // 5, f'training batch {i} of 5') for i, name in enumerate(BATCHES['train'], 1)}
+    members = {name: batch(n_train // 5, f'training batch {i} of 5')
+               for i, name in enumerate(BATCHES['train'], 1)}
     members['test_batch'] = batch(n_test, 'testing batch 1 of 1')
-    members['batches.meta'] = {'label_names': list(CLASSES), 'num_cases_per_batch': n_train // 5, 'num_vis': 3072}
+    members['batches.meta'] = {'label_names': list(CLASSES), 'num_cases_per_batch': n_train // 5,
+                               'num_vis': 3072}
     return members
 
 # %% ../nbs/00_data.ipynb #1c2368a1
@@ -177,25 +205,30 @@ def write_archive(path: str | Path,  # the .tar.gz to write
     return Path(path)
 
 # %% ../nbs/00_data.ipynb #0bfd57db
-MAX_MEMBER_BYTES = 64 << 20  # an official batch is about 31 MB; anything much larger is not one
+# an official batch is about 31 MB; anything much larger is not one
+MAX_MEMBER_BYTES = 64 << 20
 
 def read_archive(path: str | Path) -> dict:
-    "Unpickle every member of the CIFAR-10 archive at `path`, keyed by name (`data_batch_1` ... `batches.meta`)."
+    "Unpickle every member of the CIFAR-10 archive at `path`, keyed by name (`data_batch_1` ...)."
     wanted = {*BATCHES['train'], *BATCHES['test'], 'batches.meta'}
     members = {}
     try:
-        with tarfile.open(path, 'r|gz') as tar:  # one pass over the stream: no seeking back in the gzip
+        # one pass over the stream: no seeking back in the gzip
+        with tarfile.open(path, 'r|gz') as tar:
             for info in tar:
                 folder, _, name = info.name.rpartition('/')
                 if folder != ARCHIVE_FOLDER or name not in wanted: continue
                 if not info.isfile() or info.size > MAX_MEMBER_BYTES:
-                    raise DataError(f'{path}: member {info.name} is not a file of at most {MAX_MEMBER_BYTES >> 20} MB; '
-                                    'this is not the CIFAR-10 python archive')
+                    raise DataError(f'{path}: member {info.name} is not a file of at most '
+                                    f'{MAX_MEMBER_BYTES >> 20} MB; this is not the CIFAR-10 '
+                                    'python archive')
                 members[name] = BatchUnpickler(tar.extractfile(info), f'{path}: {info.name}').load()
+    # the last three: pickles that are well-formed but absurd
     except (tarfile.TarError, EOFError, zlib.error, pickle.UnpicklingError, OSError,
-            ValueError, TypeError, RecursionError) as e:  # the last three: pickles that are well-formed but absurd
-        raise DataError(f'{path}: cannot read it as a gzip-compressed tar of pickles ({e}); the file is truncated, '
-                        'damaged or not cifar-10-python.tar.gz: download it again') from None
+            ValueError, TypeError, RecursionError) as e:
+        raise DataError(f'{path}: cannot read it as a gzip-compressed tar of pickles ({e}); the '
+                        'file is truncated, damaged or not cifar-10-python.tar.gz: download it '
+                        'again') from None
     if missing := sorted(wanted - members.keys()):
         raise DataError(f'{path}: {", ".join(f"{ARCHIVE_FOLDER}/{o}" for o in missing)} missing; '
                         'this is not the CIFAR-10 python archive (cifar-10-python.tar.gz)')
@@ -203,14 +236,17 @@ def read_archive(path: str | Path) -> dict:
 
 # %% ../nbs/00_data.ipynb #6aefc8fc
 def check_batch(batch, member: str) -> tuple[np.ndarray, np.ndarray]:
-    "Images (N, 3, 32, 32) `uint8` and labels (N,) `int64` of one unpickled batch, after checking both."
+    "Images (N, 3, 32, 32) `uint8` and labels (N,) `int64` of an unpickled batch, once checked."
     if not isinstance(batch, dict) or not {'data', 'labels'} <= batch.keys():
-        raise DataError(f"{member}: expected a dict with 'data' and 'labels', found {type(batch).__name__} "
-                        f"{sorted(batch) if isinstance(batch, dict) else ''}; this is not a CIFAR-10 batch")
+        keys = sorted(batch) if isinstance(batch, dict) else ''
+        raise DataError(f"{member}: expected a dict with 'data' and 'labels', found "
+                        f"{type(batch).__name__} {keys}; this is not a CIFAR-10 batch")
     data, labels = batch['data'], np.asarray(batch['labels'])
-    if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072:
+    if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 \
+            or data.shape[1] != 3072:
         raise DataError(f"{member}: 'data' must be a uint8 array of shape (N, 3072), found "
-                        f"{getattr(data, 'dtype', type(data).__name__)} {getattr(data, 'shape', '')}")
+                        f"{getattr(data, 'dtype', type(data).__name__)} "
+                        f"{getattr(data, 'shape', '')}")
     if labels.dtype.kind not in 'iu' or labels.shape != (len(data),):
         raise DataError(f"{member}: 'labels' must be {len(data)} integers, one per image, "
                         f"found {labels.dtype} {labels.shape}")
@@ -222,27 +258,32 @@ def check_batch(batch, member: str) -> tuple[np.ndarray, np.ndarray]:
 def check_split(images: np.ndarray, labels: np.ndarray, split: str, size: int) -> None:
     "Check that `split` has `size` images with every class equally often."
     if len(images) != size:
-        raise DataError(f'{split}: {len(images)} images, expected {size}; the archive is incomplete')
+        raise DataError(f'{split}: {len(images)} images, expected {size}; '
+                        'the archive is incomplete')
     counts = np.bincount(labels, minlength=len(CLASSES))
     if (counts != size // len(CLASSES)).any():
-        raise DataError(f'{split}: images per class are {counts.tolist()}, expected {size // len(CLASSES)} each')
+        raise DataError(f'{split}: images per class are {counts.tolist()}, '
+                        f'expected {size // len(CLASSES)} each')
 
 # %% ../nbs/00_data.ipynb #ff2651f5
 def check_meta(meta, member: str = 'batches.meta') -> None:
     "Check that `batches.meta` names the CIFAR-10 classes in their official order."
     names = meta.get('label_names') if isinstance(meta, dict) else None
-    if names != list(CLASSES): raise DataError(f'{member}: label_names are {names}, expected {list(CLASSES)}')
+    if names != list(CLASSES):
+        raise DataError(f'{member}: label_names are {names}, expected {list(CLASSES)}')
 
 # %% ../nbs/00_data.ipynb #ec868c9d
 def archive_splits(members: dict,  # what `read_archive` returned
                    sizes: dict = SPLIT_SIZES,  # images expected in each split
                    source: str = '') -> dict:  # the archive's name, for error messages
-    "`{split: (images, labels)}` for the train and test splits of an archive's members, all checked."
+    "`{split: (images, labels)}` for the train and test splits of an archive's members, checked."
     check_meta(members['batches.meta'], f'{source}: batches.meta')
     batches = {split: [check_batch(members[name], f'{source}: {name}') for name in names]
                for split, names in BATCHES.items()}
-    splits = {split: tuple(np.concatenate(o) for o in zip(*parts)) for split, parts in batches.items()}
-    for split, (images, labels) in splits.items(): check_split(images, labels, f'{source}: {split}', sizes[split])
+    splits = {split: tuple(np.concatenate(o) for o in zip(*parts))
+              for split, parts in batches.items()}
+    for split, (images, labels) in splits.items():
+        check_split(images, labels, f'{source}: {split}', sizes[split])
     return splits
 
 # %% ../nbs/00_data.ipynb #739b534b
@@ -250,15 +291,17 @@ def convert_archive(archive: str | Path,  # a cifar-10-python.tar.gz
                     data_dir: str | Path = 'data',  # gets train/ and test/
                     sizes: dict = SPLIT_SIZES,  # images expected in each split
                    ) -> dict:
-    "Read, check and write the archive's splits to `data_dir`/{train,test}; nothing is written unless all is well."
+    "Read, check and write the archive's splits to `data_dir`/{train,test}: all of it or nothing."
     splits = archive_splits(read_archive(archive), sizes, source=str(archive))
     data_dir = Path(data_dir)
     try:
-        with ExitStack() as moves:  # both splits are written before either is moved into place
+        # both splits are written before either is moved into place
+        with ExitStack() as moves:
             for split, (images, labels) in splits.items():
                 tmp = moves.enter_context(atomic_path(data_dir/split))
                 tmp.mkdir()
-                np.save(tmp/'images.npy', images); np.save(tmp/'labels.npy', labels)
+                np.save(tmp/'images.npy', images)
+                np.save(tmp/'labels.npy', labels)
     except OSError as e:
         raise DataError(f'{data_dir}: cannot write the arrays there ({e.strerror or e}); '
                         'choose a writable --data_dir or free some space') from None
@@ -271,7 +314,8 @@ def load_split(data_dir: str | Path,  # where `convert_archive` wrote the splits
     "Memory-mapped images (N, 3, 32, 32) `uint8` and labels (N,) `int64` of `split`."
     folder = Path(data_dir)/split
     if not (folder/'images.npy').is_file() or not (folder/'labels.npy').is_file():
-        raise DataError(f'{folder}: no converted {split} split there; run `cifar10 data` (or `dvc pull`) first')
+        raise DataError(f'{folder}: no converted {split} split there; run `cifar10 data` '
+                        '(or `dvc pull`) first')
     return np.load(folder/'images.npy', mmap_mode='r'), np.load(folder/'labels.npy')
 
 # %% ../nbs/00_data.ipynb #06a2c3f2
@@ -279,9 +323,11 @@ def show_images(images,  # (N, 3, H, W) uint8 images
                 titles=None,  # one title per image
                 ncols: int = 8, size: float = 0.8):
     "Show images in a grid."
-    import matplotlib.pyplot as plt  # only for notebooks: importing data must stay light
+    # only for notebooks: importing data must stay light
+    import matplotlib.pyplot as plt
     nrows = -(-len(images) // ncols)
-    fig, axes = plt.subplots(nrows, ncols, figsize=(ncols * size, nrows * size * 1.15), squeeze=False)
+    figsize = (ncols * size, nrows * size * 1.15)
+    fig, axes = plt.subplots(nrows, ncols, figsize=figsize, squeeze=False)
     for i, ax in enumerate(axes.flat):
         ax.set_axis_off()
         if i < len(images):
@@ -304,12 +350,16 @@ def _reflect(index: torch.Tensor, size: int) -> torch.Tensor:
     index = index.abs()
     return torch.where(index >= size, 2 * (size - 1) - index, index)
 
+# %% ../nbs/00_data.ipynb #da000034
 @functools.cache
-def shift_flip_sources(h: int, w: int, max_shift: int, flip: bool, device: torch.device) -> torch.Tensor:
-    "Every shift by up to `max_shift` (and mirror, with `flip`) of an h×w image, as the source of each output pixel."
+def shift_flip_sources(h: int, w: int, max_shift: int, flip: bool,
+                       device: torch.device) -> torch.Tensor:
+    "Every shift by up to `max_shift` (and mirror, with `flip`) of an h×w image: pixel sources."
     shifts, mirror = torch.arange(-max_shift, max_shift + 1), torch.tensor([0, 1] if flip else [0])
-    dy, dx, mirrored = (o.reshape(-1, 1) for o in torch.meshgrid(shifts, shifts, mirror, indexing='ij'))
-    rows = _reflect(torch.arange(h) + dy, h)  # (K, H): the source row of each output row, for each of K choices
+    grid = torch.meshgrid(shifts, shifts, mirror, indexing='ij')
+    dy, dx, mirrored = (o.reshape(-1, 1) for o in grid)
+    # (K, H): the source row of each output row, for each of K choices
+    rows = _reflect(torch.arange(h) + dy, h)
     cols = _reflect(torch.arange(w) + dx, w)
     cols = torch.where(mirrored.bool(), w - 1 - cols, cols)
     return (rows[:, :, None] * w + cols[:, None, :]).view(-1, h * w).to(device)
@@ -317,9 +367,9 @@ def shift_flip_sources(h: int, w: int, max_shift: int, flip: bool, device: torch
 # %% ../nbs/00_data.ipynb #10847ea3
 def shift_mirror(images: torch.Tensor,  # (N, C, H, W) batch
                  max_shift: int,  # largest shift in pixels, in each direction (0: none)
-                 mirror: torch.Tensor | None,  # (N,) bools: which images to mirror left to right (None: none)
+                 mirror: torch.Tensor | None,  # (N,) bools: which images to mirror (None: none)
                  generator: torch.Generator) -> torch.Tensor:
-    "Shift each image by its own random offset of up to `max_shift` pixels, and mirror those `mirror` says."
+    "Shift each image by its own random offset of up to `max_shift`; mirror those `mirror` says."
     n, c, h, w = images.shape
     sources = shift_flip_sources(h, w, max_shift, mirror is not None, images.device)
     # the table lists each shift unmirrored, then mirrored
@@ -330,21 +380,27 @@ def shift_mirror(images: torch.Tensor,  # (N, C, H, W) batch
     return images.reshape(n, c, h * w).gather(2, source).view(n, c, h, w)
 
 # %% ../nbs/00_data.ipynb #07b4c413
-MEAN_PIXEL = tuple(round(m * 255) for m in MEAN)  # the mean colour in 0..255
+# the mean colour in 0..255
+MEAN_PIXEL = tuple(round(m * 255) for m in MEAN)
 
-def random_cutout(images: torch.Tensor, size: int, generator: torch.Generator, fill=MEAN_PIXEL) -> torch.Tensor:
+def random_cutout(images: torch.Tensor, size: int, generator: torch.Generator,
+                  fill=MEAN_PIXEL) -> torch.Tensor:
     "Fill a random `size`×`size` square of each image with `fill`."
     n, c, h, w = images.shape
     centre = torch.randint(0, max(h, w), (2, n, 1, 1), device=images.device, generator=generator)
-    rows = torch.arange(h, device=images.device)[:, None] - centre[0]  # (n, h, 1): each row's offset from the centre
-    cols = torch.arange(w, device=images.device)[None, :] - centre[1]  # (n, 1, w)
-    before, after = size // 2, size - size // 2  # the square spans offsets -before .. after - 1: `size` of them
+    # (n, h, 1): each row's offset from the centre
+    rows = torch.arange(h, device=images.device)[:, None] - centre[0]
+    # (n, 1, w)
+    cols = torch.arange(w, device=images.device)[None, :] - centre[1]
+    # the square spans offsets -before .. after - 1: `size` of them
+    before, after = size // 2, size - size // 2
     inside = (rows >= -before) & (rows < after) & (cols >= -before) & (cols < after)
     fill = torch.tensor(fill, dtype=images.dtype, device=images.device)[None, :, None, None]
     return torch.where(inside[:, None], fill, images)
 
 # %% ../nbs/00_data.ipynb #fa3e4537
-FLIPS = ('alternating', 'random', 'none')  # which images `Augment` mirrors (see above)
+# which images `Augment` mirrors (see above)
+FLIPS = ('alternating', 'random', 'none')
 
 @dataclass
 class Augment:
@@ -354,23 +410,33 @@ class Augment:
     cutout: int = 0  # side of the square hidden in each image (0: none)
 
     def __post_init__(self):
-        if self.flip not in FLIPS: raise ValueError(f'flip={self.flip!r}: choose one of {", ".join(FLIPS)}')
+        if self.flip not in FLIPS:
+            raise ValueError(f'flip={self.flip!r}: choose one of {", ".join(FLIPS)}')
 
-    def mirror(self, halves: torch.Tensor,  # (N,) bools: each image's fixed random half
-               epoch: int, generator: torch.Generator) -> torch.Tensor | None:
-        "Which images of a batch to mirror in `epoch`; `None` for none."
-        if self.flip == 'none': return None
-        if self.flip == 'random': return torch.rand(len(halves), device=halves.device, generator=generator) < 0.5
-        return halves ^ bool(epoch % 2)
+# %% ../nbs/00_data.ipynb #da000039
+@patch
+def mirror(self: Augment,
+           halves: torch.Tensor,  # (N,) bools: each image's fixed random half
+           epoch: int, generator: torch.Generator) -> torch.Tensor | None:
+    "Which images of a batch to mirror in `epoch`; `None` for none."
+    if self.flip == 'none': return None
+    if self.flip == 'random':
+        return torch.rand(len(halves), device=halves.device, generator=generator) < 0.5
+    return halves ^ bool(epoch % 2)
 
-    def __call__(self, images: torch.Tensor, generator: torch.Generator,
-                 halves: torch.Tensor | None = None,  # each image's fixed half (default: a random one per call)
-                 epoch: int = 0) -> torch.Tensor:
-        if halves is None: halves = torch.rand(len(images), device=images.device, generator=generator) < 0.5
-        mirror = self.mirror(halves, epoch, generator)
-        if self.translate or mirror is not None: images = shift_mirror(images, self.translate, mirror, generator)
-        if self.cutout: images = random_cutout(images, self.cutout, generator)
-        return images
+# %% ../nbs/00_data.ipynb #da000040
+@patch
+def __call__(self: Augment, images: torch.Tensor, generator: torch.Generator,
+             halves: torch.Tensor | None = None,  # each image's fixed half (default: random)
+             epoch: int = 0) -> torch.Tensor:
+    "`images` shifted, mirrored and cut out as `self` says, drawing from `generator`."
+    if halves is None:
+        halves = torch.rand(len(images), device=images.device, generator=generator) < 0.5
+    mirror = self.mirror(halves, epoch, generator)
+    if self.translate or mirror is not None:
+        images = shift_mirror(images, self.translate, mirror, generator)
+    if self.cutout: images = random_cutout(images, self.cutout, generator)
+    return images
 
 # %% ../nbs/00_data.ipynb #15aa5df8
 def normalize(images: torch.Tensor,  # (N, C, H, W) uint8
@@ -380,7 +446,8 @@ def normalize(images: torch.Tensor,  # (N, C, H, W) uint8
     "Scale `uint8` images to zero mean and unit variance per channel."
     mean, std = (torch.tensor(o, device=images.device).view(1, -1, 1, 1) for o in (mean, std))
     scale, shift = 1 / (255 * std), -mean / std
-    out = images.float().mul_(scale).add_(shift).to(dtype)  # in place: one float copy of the batch
+    # in place: one float copy of the batch
+    out = images.float().mul_(scale).add_(shift).to(dtype)
     return out.contiguous(memory_format=torch.channels_last) if channels_last else out
 
 # %% ../nbs/00_data.ipynb #3a750431
@@ -389,7 +456,7 @@ def rank_slices(n: int,  # images in the split
                 drop_last: bool = False,  # skip a last global batch smaller than `batch_size`
                 rank: int = 0, world_size: int = 1,  # this process, of how many
                ) -> list[slice]:
-    "Where this rank's batches lie in an epoch's order of `n` images: its piece of each global batch."
+    "Where this rank's batches lie in an epoch's order of `n` images: its piece of each batch."
     stop = n - n % batch_size if drop_last else n
     slices = []
     for start in range(0, stop, batch_size):
@@ -400,44 +467,56 @@ def rank_slices(n: int,  # images in the split
 
 # %% ../nbs/00_data.ipynb #03aac1dc
 class DeviceLoader:
-    "Batches of one split, kept on `device` as a single `uint8` tensor and augmented batch-wise there."
-    def __init__(self, images, labels,  # (N, 3, H, W) uint8 and (N,) integer labels, numpy arrays or memory maps
+    "Batches of one split, kept on `device` as one `uint8` tensor and augmented batch-wise there."
+    def __init__(self,
+                 images, labels,  # (N, 3, H, W) uint8, (N,) integer labels: arrays or memory maps
                  batch_size: int = 512,  # images per step, all ranks' together
                  shuffle: bool = False,  # a new random order every epoch
                  drop_last: bool = False,  # skip the last batch if it is smaller than `batch_size`
                  augment: Augment | None = None,  # applied to every batch, if given
                  device='cpu', dtype: torch.dtype = torch.float32, channels_last: bool = False,
                  seed: int = 0, mean=MEAN, std=STD,
-                 rank: int = 0, world_size: int = 1):  # this process, of how many in a data-parallel run
+                 rank: int = 0, world_size: int = 1):  # this process, of how many in data parallel
         self.images = torch.from_numpy(np.array(images, dtype=np.uint8)).to(device)
         self.labels = torch.from_numpy(np.array(labels, dtype=np.int64)).to(device)
-        self.batch_size, self.shuffle, self.drop_last, self.augment = batch_size, shuffle, drop_last, augment
-        self.dtype, self.channels_last, self.seed, self.mean, self.std = dtype, channels_last, seed, mean, std
+        self.batch_size, self.shuffle, self.drop_last = batch_size, shuffle, drop_last
+        self.augment, self.dtype, self.channels_last = augment, dtype, channels_last
+        self.seed, self.mean, self.std = seed, mean, std
         self.rank, self.world_size = rank, world_size
-        # each image's fixed random half, for alternating flips: the seed's alone, the same on every rank
+        # each image's fixed random half, for alternating flips: from the seed alone, on all ranks
         self.halves = torch.rand(len(self.labels), device=device, generator=self.generator()) < 0.5
-        self.epoch = 0  # the epoch the next iteration serves
-
-    def slices(self) -> list[slice]:
-        "Where this rank's batches lie in an epoch's order."
-        return rank_slices(len(self.labels), self.batch_size, self.drop_last, self.rank, self.world_size)
-
-    def __len__(self): return len(self.slices())
+        # the epoch the next iteration serves
+        self.epoch = 0
 
     def generator(self, *key: int) -> torch.Generator:
-        "A random state fixed by the seed and `key` (an epoch; an epoch and a rank): different for different keys."
+        "A random state fixed by the seed and `key` (an epoch; an epoch and a rank)."
         seed = int(np.random.SeedSequence([self.seed, *key]).generate_state(1)[0])
         return torch.Generator(self.images.device).manual_seed(seed)
 
-    def __iter__(self):
-        epoch, n, device = self.epoch, len(self.labels), self.images.device
-        self.epoch += 1
-        # the order depends on the seed and epoch alone: every rank draws the same, so their pieces are disjoint
-        if self.shuffle: order = torch.randperm(n, device=device, generator=self.generator(epoch))
-        else: order = torch.arange(n, device=device)
-        augment_generator = self.generator(epoch, self.rank)  # each rank's augmentations are its own
-        for piece in self.slices():
-            index = order[piece]
-            images = self.images.index_select(0, index)  # much faster than images[index] on the CPU
-            if self.augment: images = self.augment(images, augment_generator, self.halves[index], epoch)
-            yield normalize(images, self.mean, self.std, self.dtype, self.channels_last), self.labels[index]
+# %% ../nbs/00_data.ipynb #da000049
+@patch
+def slices(self: DeviceLoader) -> list[slice]:
+    "Where this rank's batches lie in an epoch's order."
+    return rank_slices(len(self.labels), self.batch_size, self.drop_last,
+                       self.rank, self.world_size)
+
+@patch
+def __len__(self: DeviceLoader): return len(self.slices())
+
+# %% ../nbs/00_data.ipynb #da000053
+@patch
+def __iter__(self: DeviceLoader):
+    epoch, n, device = self.epoch, len(self.labels), self.images.device
+    self.epoch += 1
+    # the order depends on the seed and epoch alone: all ranks draw the same, so pieces are disjoint
+    if self.shuffle: order = torch.randperm(n, device=device, generator=self.generator(epoch))
+    else: order = torch.arange(n, device=device)
+    # each rank's augmentations are its own
+    augment_generator = self.generator(epoch, self.rank)
+    for piece in self.slices():
+        index = order[piece]
+        # much faster than images[index] on the CPU
+        images = self.images.index_select(0, index)
+        if self.augment: images = self.augment(images, augment_generator, self.halves[index], epoch)
+        images = normalize(images, self.mean, self.std, self.dtype, self.channels_last)
+        yield images, self.labels[index]

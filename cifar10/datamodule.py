@@ -28,7 +28,8 @@ class CIFAR10DataModule(L.LightningDataModule):
                  subset: int | None = None,  # keep only this many random images of each split
                  augment: Augment | None = Augment(),  # training augmentations
                  dtype: torch.dtype = torch.float32, channels_last: bool = False,
-                 seed: int = 0,  # seeds shuffles and augmentations (not the subset, not the held-out)
+                 # seeds the shuffles and augmentations (not the subset or the held-out images)
+                 seed: int = 0,
                  device=None):  # default: the trainer's device, else the CPU
         super().__init__()
         self.data_dir, self.batch_size = Path(data_dir), batch_size
@@ -37,7 +38,7 @@ class CIFAR10DataModule(L.LightningDataModule):
         self.loader_args = dict(dtype=dtype, channels_last=channels_last)
         self.loaders, self.start_epoch = {}, 0
 
-# %% ../nbs/00a_datamodule.ipynb #35c9d058
+# %% ../nbs/00a_datamodule.ipynb #ceceeb7d
 @patch
 def _pick(self: CIFAR10DataModule, split: str):
     "Images and labels of `split`, cut to `subset` if given (a fixed random choice)."
@@ -46,13 +47,13 @@ def _pick(self: CIFAR10DataModule, split: str):
     keep = np.sort(np.random.default_rng(SPLIT_SEED).permutation(len(labels))[:self.subset])
     return images[keep], labels[keep]
 
-# %% ../nbs/00a_datamodule.ipynb #fec493cf
+# %% ../nbs/00a_datamodule.ipynb #f12039f4
 @patch
 def setup(self: CIFAR10DataModule, stage: str | None = None):
-    "Put the splits on the device as `DeviceLoader`s, once; `stage` is Lightning's and changes nothing."
+    "Put the splits on the device as `DeviceLoader`s, once; `stage` changes nothing."
     if self.loaders: return
     device = self.device or (self.trainer.strategy.root_device if self.trainer else 'cpu')
-    # in a data-parallel run each rank holds the whole splits and serves its own piece of every batch
+    # in a data-parallel run each rank holds the whole splits, serving its piece of every batch
     trainer = self.trainer
     ranks = dict(rank=trainer.global_rank, world_size=trainer.world_size) if trainer else {}
     args = {**self.loader_args, **ranks, 'device': device}
@@ -73,7 +74,7 @@ def setup(self: CIFAR10DataModule, stage: str | None = None):
     self.loaders['val'] = DeviceLoader(*val, self.eval_batch_size, **args) if val else []
     self.loaders['train'].epoch = self.start_epoch
 
-# %% ../nbs/00a_datamodule.ipynb #a7ed4a1d
+# %% ../nbs/00a_datamodule.ipynb #d2b7e979
 @patch
 def train_dataloader(self: CIFAR10DataModule): return self.loaders['train']
 @patch
@@ -81,7 +82,7 @@ def val_dataloader(self: CIFAR10DataModule): return self.loaders['val']
 @patch
 def test_dataloader(self: CIFAR10DataModule): return self.loaders['test']
 
-# %% ../nbs/00a_datamodule.ipynb #fd70e1c1
+# %% ../nbs/00a_datamodule.ipynb #0b8d8704
 @patch
 def state_dict(self: CIFAR10DataModule):
     "What a checkpoint keeps: the epoch the training loader serves next."

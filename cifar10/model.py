@@ -17,19 +17,22 @@ __all__ = ['ARCHITECTURES', 'TTA_LEVELS', 'CifarResNet', 'resnet18', 'conv_bn', 
 
 # %% ../nbs/01_model.ipynb #bf5cd5ed
 class CifarResNet(ResNet):
-    "torchvision's `ResNet` with the CIFAR stem (3×3 stride 1, no max-pool) and stage widths scaled by `width`/64."
-    def __init__(self, layers: list[int],  # residual blocks per stage, e.g. [2, 2, 2, 2] for ResNet-18
-                 width: int = 64,  # channels of the first stage; the others are 2, 4 and 8 times as many
+    "torchvision's `ResNet` with a CIFAR stem (3×3 stride 1, no max-pool), widths times `width`/64."
+    def __init__(self,
+                 layers: list[int],  # residual blocks per stage, e.g. [2, 2, 2, 2] for ResNet-18
+                 width: int = 64,  # channels of the first stage; then 2, 4 and 8 times as many
                  num_classes: int = 10):
         self.width = width
         super().__init__(BasicBlock, layers, num_classes=num_classes)
         self.conv1 = nn.Conv2d(3, width, kernel_size=3, stride=1, padding=1, bias=False)
-        nn.init.kaiming_normal_(self.conv1.weight, mode='fan_out', nonlinearity='relu')  # as torchvision inits convs
+        # as torchvision initializes its convolutions
+        nn.init.kaiming_normal_(self.conv1.weight, mode='fan_out', nonlinearity='relu')
         self.bn1, self.maxpool = nn.BatchNorm2d(width), nn.Identity()
         self.fc = nn.Linear(8 * width, num_classes)
 
     def _make_layer(self, block, planes, blocks, stride=1, dilate=False):
-        if planes == 64: self.inplanes = self.width  # the first stage starts from the stem's width
+        # the first stage starts from the stem's width
+        if planes == 64: self.inplanes = self.width
         return super()._make_layer(block, planes * self.width // 64, blocks, stride, dilate)
 
 # %% ../nbs/01_model.ipynb #1a9d7419
@@ -40,8 +43,10 @@ def resnet18(width: int = 64, num_classes: int = 10) -> nn.Module:
 # %% ../nbs/01_model.ipynb #cde5f1bd
 def conv_bn(c_in: int, c_out: int) -> nn.Sequential:
     "3×3 convolution, batch norm, ReLU."
-    return nn.Sequential(nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True))
+    conv = nn.Conv2d(c_in, c_out, 3, padding=1, bias=False)
+    return nn.Sequential(conv, nn.BatchNorm2d(c_out), nn.ReLU(inplace=True))
 
+# %% ../nbs/01_model.ipynb #5722fa5f
 class Residual(nn.Module):
     "`x + body(x)`."
     def __init__(self, body: nn.Module):
@@ -49,6 +54,7 @@ class Residual(nn.Module):
         self.body = body
     def forward(self, x): return x + self.body(x)
 
+# %% ../nbs/01_model.ipynb #62b17b1c
 class Scale(nn.Module):
     "Multiply by a constant."
     def __init__(self, factor: float):
@@ -62,14 +68,17 @@ def resnet9(width: int = 64, num_classes: int = 10) -> nn.Module:
     w = width
     return nn.Sequential(
         conv_bn(3, w),
-        conv_bn(w, 2 * w), nn.MaxPool2d(2), Residual(nn.Sequential(conv_bn(2 * w, 2 * w), conv_bn(2 * w, 2 * w))),
+        conv_bn(w, 2 * w), nn.MaxPool2d(2),
+        Residual(nn.Sequential(conv_bn(2 * w, 2 * w), conv_bn(2 * w, 2 * w))),
         conv_bn(2 * w, 4 * w), nn.MaxPool2d(2),
-        conv_bn(4 * w, 8 * w), nn.MaxPool2d(2), Residual(nn.Sequential(conv_bn(8 * w, 8 * w), conv_bn(8 * w, 8 * w))),
-        nn.AdaptiveMaxPool2d(1), nn.Flatten(), nn.Linear(8 * w, num_classes, bias=False), Scale(0.125))
+        conv_bn(4 * w, 8 * w), nn.MaxPool2d(2),
+        Residual(nn.Sequential(conv_bn(8 * w, 8 * w), conv_bn(8 * w, 8 * w))),
+        nn.AdaptiveMaxPool2d(1), nn.Flatten(),
+        nn.Linear(8 * w, num_classes, bias=False), Scale(0.125))
 
 # %% ../nbs/01_model.ipynb #bfc4622f
 class FastBlock(nn.Module):
-    "Convolution, 2×2 max-pool, batch norm and GELU, then a residual 3×3 convolution at the pooled size."
+    "Convolution, 2×2 max-pool, batch norm, GELU, then a residual 3×3 convolution at pooled size."
     def __init__(self, c_in: int, c_out: int, momentum: float = 0.4):
         super().__init__()
         self.conv1 = nn.Conv2d(c_in, c_out, 3, padding=1, bias=False)
@@ -83,12 +92,15 @@ class FastBlock(nn.Module):
 
 # %% ../nbs/01_model.ipynb #b5de89fa
 class FastNet(nn.Module):
-    "A whitening stem, `FastBlock`s of `width`, 4 and 4 times `width` channels, a global max-pool, a linear layer."
+    "A whitening stem, `FastBlock`s of `width`, 4 and 4 times `width` channels, a linear head."
     def __init__(self, width: int = 64, num_classes: int = 10):
         super().__init__()
-        self.stem = nn.Conv2d(3, 24, kernel_size=2)  # 2 × 12: each whitening filter and its negative
-        self.stem.weight.requires_grad = False  # set by `init_whitening`, then fixed
-        self.blocks = nn.Sequential(FastBlock(24, width), FastBlock(width, 4 * width), FastBlock(4 * width, 4 * width))
+        # 2 × 12: each whitening filter and its negative
+        self.stem = nn.Conv2d(3, 24, kernel_size=2)
+        # set by `init_whitening`, then fixed
+        self.stem.weight.requires_grad = False
+        self.blocks = nn.Sequential(FastBlock(24, width), FastBlock(width, 4 * width),
+                                    FastBlock(4 * width, 4 * width))
         self.head = nn.Linear(4 * width, num_classes, bias=False)
 
     def forward(self, x):
@@ -96,12 +108,13 @@ class FastNet(nn.Module):
         return self.head(x.amax((2, 3))) / 9
 
 # %% ../nbs/01_model.ipynb #1168f451
-def init_whitening(conv: nn.Conv2d,  # a k×k convolution with twice as many outputs as there are k×k×C patch values
+def init_whitening(conv: nn.Conv2d,  # a k×k convolution with 2 outputs per k×k×C patch value
                    images: torch.Tensor,  # (N, C, H, W) normalized images to take the patches from
                    eps: float = 5e-4):  # added to the eigenvalues, to tame the smallest
     "Set `conv`'s filters (and zero its bias) so that it whitens the `images`' patches."
     k, c = conv.kernel_size[0], images.shape[1]
-    patches = images.float().unfold(2, k, 1).unfold(3, k, 1)  # (N, C, H-k+1, W-k+1, k, k)
+    # (N, C, H-k+1, W-k+1, k, k)
+    patches = images.float().unfold(2, k, 1).unfold(3, k, 1)
     patches = patches.permute(0, 2, 3, 1, 4, 5).reshape(-1, c * k * k).double()
     eigenvalues, eigenvectors = torch.linalg.eigh(patches.T @ patches / len(patches))
     filters = (eigenvectors.T / (eigenvalues[:, None] + eps).sqrt()).view(-1, c, k, k)
@@ -125,15 +138,18 @@ def count_parameters(net: nn.Module) -> int:
     "Number of parameters, trainable or not."
     return sum(p.numel() for p in net.parameters())
 
+# %% ../nbs/01_model.ipynb #367e60a7
 def forward_flops(net: nn.Module, image_shape=(3, 32, 32)) -> int:
     "Floating-point operations of one forward pass on one image."
     counter, training = FlopCounterMode(display=False), net.training
     with counter, torch.no_grad(): net.eval()(torch.zeros(1, *image_shape))
-    net.train(training)  # as it was
+    # as it was
+    net.train(training)
     return counter.get_total_flops()
 
 # %% ../nbs/01_model.ipynb #45552649
-TTA_LEVELS = ('none', 'mirror', 'mirror_translate')  # test-time augmentations, each adding views to the last
+# test-time augmentations, each adding views to the last
+TTA_LEVELS = ('none', 'mirror', 'mirror_translate')
 
 def tta_logits(net: nn.Module, images: torch.Tensor,  # (N, C, H, W) normalized images
                level: str = 'none') -> torch.Tensor:  # one of `TTA_LEVELS`
