@@ -22,30 +22,34 @@ __all__ = ['ImageClassifier', 'build_classifier', 'load_weights', 'load_checkpoi
 
 # %% ../nbs/02a_checkpoint.ipynb #c5b14f0b
 class ImageClassifier(nn.Module):
-    "`uint8` images (N, 3, H, W) in, logits out: the network with its normalization and test-time augmentation."
+    "The network with its normalization and test-time augmentation: `uint8` images in, logits out."
     def __init__(self, net: nn.Module, description: ModelDescription):
         super().__init__()
         if description.tta not in TTA_LEVELS:
-            raise CheckpointError(f'{description.source}: test-time augmentation {description.tta!r} is not one of '
-                                  f'{", ".join(TTA_LEVELS)}; this version of cifar10 cannot run it')
+            raise CheckpointError(f'{description.source}: test-time augmentation '
+                                  f'{description.tta!r} is not one of {", ".join(TTA_LEVELS)}; '
+                                  'this version of cifar10 cannot run it')
         self.net, self.description = net, description
 
     def forward(self, images):
         d = self.description
-        return tta_logits(self.net, normalize(images, d.mean, d.std), d.tta)  # as the trainer's test step does
+        # as the trainer's test step does
+        return tta_logits(self.net, normalize(images, d.mean, d.std), d.tta)
 
 # %% ../nbs/02a_checkpoint.ipynb #eda25cfc
 def build_classifier(description: ModelDescription, state_dict: dict) -> ImageClassifier:
-    "The `ImageClassifier` that `description` describes, with the weights of `state_dict`, in evaluation mode."
+    "The `ImageClassifier` of `description` with the weights of `state_dict`, in evaluation mode."
     net = build_model(num_classes=len(description.classes), **vars(description.model))
     net.load_state_dict(state_dict)
     return ImageClassifier(net, description).eval()
 
+# %% ../nbs/02a_checkpoint.ipynb #d3dd3004
 def load_weights(path: Path) -> dict:
     "A checkpoint or weights file, read without running any pickled code."
     try: return torch.load(path, map_location='cpu', weights_only=True)
     except Exception as e:
-        raise CheckpointError(f'{path}: cannot load it as a weights-only checkpoint ({str(e).splitlines()[0]}); '
+        raise CheckpointError(f'{path}: cannot load it as a weights-only checkpoint '
+                              f'({str(e).splitlines()[0]}); '
                               'it is damaged, or holds code and is refused') from None
 
 # %% ../nbs/02a_checkpoint.ipynb #9eacf6ea
@@ -53,26 +57,31 @@ def load_checkpoint(path: Path) -> tuple[ImageClassifier, ModelDescription]:
     "The classifier of a Lightning checkpoint written by `cifar10 train`, and its description."
     checkpoint = load_weights(path)
     if 'hyper_parameters' not in checkpoint or 'state_dict' not in checkpoint:
-        raise CheckpointError(f'{path}: not a checkpoint of cifar10 train (no hyper_parameters or state_dict)')
+        raise CheckpointError(f'{path}: not a checkpoint of cifar10 train '
+                              '(no hyper_parameters or state_dict)')
     description = ModelDescription.from_hparams(checkpoint['hyper_parameters'], str(path))
-    state = {k.removeprefix('net.'): v for k, v in checkpoint['state_dict'].items() if k.startswith('net.')}
+    state = {k.removeprefix('net.'): v for k, v in checkpoint['state_dict'].items()
+             if k.startswith('net.')}
     try: return build_classifier(description, state), description
-    except RuntimeError as e:  # weights that don't fit the network it describes: not ours
+    except RuntimeError as e:
+        # weights that don't fit the network it describes: not ours
         raise CheckpointError(f'{path}: its weights do not fit a {description.model} network '
                               f'({str(e).splitlines()[0]})') from None
 
 # %% ../nbs/02a_checkpoint.ipynb #4b5d1498
 def load_registered(uri: str) -> tuple[ImageClassifier, ModelDescription]:
-    "The classifier of a registered model, `models:/NAME/VERSION` or `models:/NAME@ALIAS`, and its description."
+    "The classifier of a registered model (`models:/NAME/VERSION` or `@ALIAS`) and its description."
     import mlflow
     with tempfile.TemporaryDirectory() as download:
         try: folder = Path(mlflow.artifacts.download_artifacts(uri, dst_path=download))
-        except Exception as e: raise CheckpointError(f'{uri}: not found in the MLflow registry ({e})') from None
+        except Exception as e:
+            raise CheckpointError(f'{uri}: not found in the MLflow registry ({e})') from None
         metadata = yaml.safe_load((folder/'MLmodel').read_text()).get('metadata') or {}
-        if not (folder/'extra_files'/'weights.pt').is_file():
+        weights = folder/'extra_files'/'weights.pt'
+        if not weights.is_file():
             raise CheckpointError(f'{uri}: not a model registered by cifar10 train (no weights.pt)')
         description = ModelDescription.from_dict(metadata, uri)
-        return build_classifier(description, load_weights(folder/'extra_files'/'weights.pt')), description
+        return build_classifier(description, load_weights(weights)), description
 
 # %% ../nbs/02a_checkpoint.ipynb #b4240ff4
 class TorchBackend:

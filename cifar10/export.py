@@ -19,22 +19,24 @@ import torch
 from .checkpoint import ImageClassifier, TorchBackend, load_checkpoint
 from .config import EXPORT_FORMATS, CheckpointError, ExportSettings, PredictorSettings
 from .data import atomic_path, file_digest, load_split
-from .infer import (ONNX_DESCRIPTION_KEY, ONNX_FILES, Predictor, checkpoint_path, is_export_of,
-                           load_predictor, onnx_description)
+from .infer import (ONNX_DESCRIPTION_KEY, ONNX_FILES, Predictor, checkpoint_path,
+                           is_export_of, load_predictor, onnx_description)
 
 # %% auto #0
 __all__ = ['export_onnx', 'quantize_onnx', 'agreement', 'export_checkpoint']
 
 # %% ../nbs/03a_export.ipynb #ef928244
 def export_onnx(classifier: ImageClassifier, path: str | Path) -> Path:
-    "Write `classifier` (uint8 images in, logits out) to `path` as ONNX, with its description in the metadata."
+    "Write `classifier` (`uint8` images in, logits out) to `path` as ONNX, with its description."
     example = torch.zeros(2, 3, 32, 32, dtype=torch.uint8)
     batch = torch.export.Dim('batch', min=1, max=65536)
-    program = torch.onnx.export(classifier.cpu().eval(), (example,), input_names=['images'], output_names=['logits'],
-                                dynamic_shapes={'images': {0: batch}}, dynamo=True, verbose=False)
+    program = torch.onnx.export(classifier.cpu().eval(), (example,), input_names=['images'],
+                                output_names=['logits'], dynamic_shapes={'images': {0: batch}},
+                                dynamo=True, verbose=False)
     program.optimize()
     model = program.model_proto
-    onnx.helper.set_model_props(model, {ONNX_DESCRIPTION_KEY: json.dumps(classifier.description.as_dict())})
+    description = json.dumps(classifier.description.as_dict())
+    onnx.helper.set_model_props(model, {ONNX_DESCRIPTION_KEY: description})
     with atomic_path(path) as tmp: onnx.save(model, tmp)
     return Path(path)
 
@@ -44,66 +46,80 @@ def _root_log_level(level: int):
     "Set the root logger's level for the duration of the block."
     root = logging.getLogger()
     previous = root.level
-    root.setLevel(level)  # setLevel, not the attribute: it also clears the loggers' cached answers
+    # setLevel, not the attribute: it also clears the loggers' cached answers
+    root.setLevel(level)
     try: yield
     finally: root.setLevel(previous)
 
+# %% ../nbs/03a_export.ipynb #c2b183ce
 class _Calibration:
     "Feeds calibration batches to ONNX Runtime's quantizer."
     def __init__(self, images: np.ndarray, batch_size: int = 64):
-        self.batches = iter([{'images': images[i:i + batch_size]} for i in range(0, len(images), batch_size)])
+        starts = range(0, len(images), batch_size)
+        self.batches = iter([{'images': images[i:i + batch_size]} for i in starts])
     def get_next(self): return next(self.batches, None)
 
+# %% ../nbs/03a_export.ipynb #5d8cb56c
 def quantize_onnx(source: str | Path,  # a float32 ONNX file from `export_onnx`
                   path: str | Path,  # where the int8 model goes
-                  calibration: np.ndarray,  # (N, 3, 32, 32) uint8 images, typically a few hundred training images
+                  calibration: np.ndarray,  # (N, 3, 32, 32) uint8 images, typically a few hundred
                  ) -> Path:
-    "Write an int8 version of the ONNX model `source` to `path`, its activation ranges calibrated on `calibration`."
+    "Write an int8 version of the ONNX model `source` to `path`, calibrated on `calibration`."
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
-    # the quantizer prints its progress and warns, through the root logger, of each norm it leaves in float
-    with atomic_path(path) as tmp, contextlib.redirect_stdout(io.StringIO()), _root_log_level(logging.ERROR):
+    # quiet: the quantizer prints its progress and logs a warning for each norm it leaves in float
+    with (atomic_path(path) as tmp, contextlib.redirect_stdout(io.StringIO()),
+          _root_log_level(logging.ERROR)):
         prepared = tmp.with_suffix('.prepared.onnx')
-        quant_pre_process(str(source), str(prepared), skip_symbolic_shape=True)  # ONNX shape inference suffices
+        # ONNX shape inference suffices
+        quant_pre_process(str(source), str(prepared), skip_symbolic_shape=True)
         quantize_static(str(prepared), str(tmp), _Calibration(np.ascontiguousarray(calibration)),
-                        quant_format=QuantFormat.QDQ, per_channel=True, activation_type=QuantType.QUInt8,
-                        weight_type=QuantType.QInt8, calibrate_method=CalibrationMethod.Percentile,
+                        quant_format=QuantFormat.QDQ, per_channel=True,
+                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                        calibrate_method=CalibrationMethod.Percentile,
                         extra_options={'CalibPercentile': 99.99})
         prepared.unlink()
         model = onnx.load(tmp)
-        onnx.helper.set_model_props(model, {ONNX_DESCRIPTION_KEY: json.dumps(onnx_description(source).as_dict())})
+        description = json.dumps(onnx_description(source).as_dict())
+        onnx.helper.set_model_props(model, {ONNX_DESCRIPTION_KEY: description})
         onnx.save(model, tmp)
     return Path(path)
 
 # %% ../nbs/03a_export.ipynb #21b97b96
 def agreement(reference: Predictor, candidate: Predictor, images: np.ndarray, labels: np.ndarray,
               batch_size: int = 500) -> dict:
-    "How often `candidate`'s top-1 class is `reference`'s, their largest logit difference, and both accuracies."
+    "Top-1 agreement of `candidate` with `reference`, largest logit difference and both accuracies."
     same, difference, right = 0, 0.0, np.zeros(2)
     for start in range(0, len(images), batch_size):
-        batch, target = np.array(images[start:start + batch_size]), np.array(labels[start:start + batch_size])
+        batch = np.array(images[start:start + batch_size])
+        target = np.array(labels[start:start + batch_size])
         a, b = reference.logits(batch), candidate.logits(batch)
         same += (a.argmax(1) == b.argmax(1)).sum()
         difference = max(difference, float(np.abs(a - b).max()))
         right += [(a.argmax(1) == target).sum(), (b.argmax(1) == target).sum()]
     n = len(images)
     return {'top1_agreement': float(same / n), 'max_logit_difference': difference,
-            'reference_accuracy': float(right[0] / n), 'candidate_accuracy': float(right[1] / n), 'images': n}
+            'reference_accuracy': float(right[0] / n), 'candidate_accuracy': float(right[1] / n),
+            'images': n}
 
 # %% ../nbs/03a_export.ipynb #2d6f5e51
 def export_checkpoint(settings: ExportSettings) -> tuple[Path, dict]:
-    "Export the checkpoint `settings` name beside it; returns the file and, per backend, its agreement with PyTorch."
+    "Export the checkpoint `settings` name beside it: the file, and each backend's agreement."
     if settings.format not in EXPORT_FORMATS:
-        raise CheckpointError(f'unknown export format {settings.format!r}; choose one of {", ".join(EXPORT_FORMATS)}')
+        raise CheckpointError(f'unknown export format {settings.format!r}; '
+                              f'choose one of {", ".join(EXPORT_FORMATS)}')
     path = checkpoint_path(settings.checkpoint_name, settings.models_dir)
     if path.suffix != '.ckpt':
-        raise CheckpointError(f'{settings.checkpoint_name}: export takes a checkpoint (a run name or a .ckpt path)')
+        raise CheckpointError(f'{settings.checkpoint_name}: export takes a checkpoint '
+                              '(a run name or a .ckpt path)')
     classifier, description = load_checkpoint(path)
     # the digest lets a later version of the checkpoint (a resumed run) refuse this export as stale
     classifier.description = replace(description, checkpoint_sha256=file_digest(path, 'sha256'))
     fp32 = path.with_suffix(ONNX_FILES['onnx'])
-    if settings.format == 'onnx' or not (fp32.is_file() and is_export_of(onnx_description(fp32), path)):
-        export_onnx(classifier, fp32)  # int8 is quantized from the float file
+    # int8 is quantized from the float file, made again unless it is an export of this checkpoint
+    reusable = (settings.format != 'onnx' and fp32.is_file()
+                and is_export_of(onnx_description(fp32), path))
+    if not reusable: export_onnx(classifier, fp32)
     target = fp32
     if settings.format == 'onnx-int8':
         calibration, _ = load_split(settings.data_dir, 'train')
@@ -112,6 +128,7 @@ def export_checkpoint(settings: ExportSettings) -> tuple[Path, dict]:
         quantize_onnx(fp32, target, np.array(calibration[np.sort(order)]))
     reference = Predictor(TorchBackend(classifier), description)
     images, labels = load_split(settings.data_dir, 'test')
-    backends = ['onnx-int8'] if settings.format == 'onnx-int8' else ['onnx', 'openvino']  # the runtimes of that file
-    return target, {b: agreement(reference, load_predictor(PredictorSettings(str(target), backend=b)), images, labels)
-                    for b in backends}
+    # the runtimes of that file
+    backends = ['onnx-int8'] if settings.format == 'onnx-int8' else ['onnx', 'openvino']
+    candidates = {b: load_predictor(PredictorSettings(str(target), backend=b)) for b in backends}
+    return target, {b: agreement(reference, p, images, labels) for b, p in candidates.items()}

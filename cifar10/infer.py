@@ -28,9 +28,13 @@ __all__ = ['IMAGE_SIZE', 'ONNX_DESCRIPTION_KEY', 'ONNX_FILES', 'MAX_PIXELS', 'HI
 # %% ../nbs/03_infer.ipynb #c24a86ea
 def available_checkpoints(models_dir: str | Path = 'models') -> list[str]:
     "The checkpoint names in `models_dir`: each run, and each run's `/best`."
-    runs = sorted(p.parent for p in Path(models_dir).glob('*/last.ckpt'))
-    return [o for run in runs for o in (run.name, *([f'{run.name}/best'] if (run/'best.ckpt').is_file() else []))]
+    names = []
+    for run in sorted(p.parent for p in Path(models_dir).glob('*/last.ckpt')):
+        names.append(run.name)
+        if (run/'best.ckpt').is_file(): names.append(f'{run.name}/best')
+    return names
 
+# %% ../nbs/03_infer.ipynb #a1b19f6f
 def checkpoint_path(name: str, models_dir: str | Path = 'models') -> Path:
     "The file that checkpoint `name` refers to."
     if name.endswith(('.ckpt', '.onnx')):
@@ -40,22 +44,30 @@ def checkpoint_path(name: str, models_dir: str | Path = 'models') -> Path:
     run, _, which = name.partition('/')
     path = (models/run/f'{which or "last"}.ckpt').resolve()
     if not path.is_relative_to(models) or which not in ('', 'best', 'last'):
-        raise CheckpointError(f'{name!r} is not a checkpoint name: use RUN or RUN/best for a run in {models_dir}/, '
-                              'a path ending in .ckpt or .onnx, or models:/NAME/VERSION')
+        raise CheckpointError(f'{name!r} is not a checkpoint name: use RUN or RUN/best for a run '
+                              f'in {models_dir}/, a path ending in .ckpt or .onnx, '
+                              'or models:/NAME/VERSION')
     if not path.is_file():
-        names = ', '.join(available_checkpoints(models_dir)) or 'none (train one with cifar10 train)'
+        names = ', '.join(available_checkpoints(models_dir))
+        names = names or 'none (train one with cifar10 train)'
         raise CheckpointError(f'no checkpoint named {name!r} in {models_dir}/; there are: {names}')
     return path
 
-# %% ../nbs/03_infer.ipynb #26bac319
-IMAGE_SIZE = 32  # the side of the images the network takes
-ONNX_DESCRIPTION_KEY = 'cifar10'  # the metadata property of an exported ONNX file that holds its description
+# %% ../nbs/03_infer.ipynb #7e88602f
+# the side of the images the network takes
+IMAGE_SIZE = 32
+# the metadata property of an exported ONNX file that holds its description
+ONNX_DESCRIPTION_KEY = 'cifar10'
 
+# %% ../nbs/03_infer.ipynb #26bac319
 def onnx_description(path: str | Path) -> ModelDescription:
     "The description that the export chapter stored in the ONNX file at `path`."
     import onnx
-    try: properties = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
-    except Exception as e: raise CheckpointError(f'{path}: cannot read it as an ONNX model ({e})') from None
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+        properties = {p.key: p.value for p in model.metadata_props}
+    except Exception as e:
+        raise CheckpointError(f'{path}: cannot read it as an ONNX model ({e})') from None
     if ONNX_DESCRIPTION_KEY not in properties:
         raise CheckpointError(f'{path}: not exported by cifar10 export (no description in it)')
     return ModelDescription.from_dict(json.loads(properties[ONNX_DESCRIPTION_KEY]), str(path))
@@ -63,7 +75,10 @@ def onnx_description(path: str | Path) -> ModelDescription:
 # %% ../nbs/03_infer.ipynb #5a49ffb6
 class OnnxBackend:
     "Runs an exported ONNX file with ONNX Runtime on the CPU."
-    def __init__(self, path: str | Path, threads: int = 0):  # 0: ONNX Runtime's choice (one per core)
+    def __init__(self,
+                 path: str | Path,  # an ONNX file of `cifar10 export`
+                 threads: int = 0,  # 0: ONNX Runtime's choice (one per core)
+                ):
         import onnxruntime as ort
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
@@ -74,36 +89,47 @@ class OnnxBackend:
 
 # %% ../nbs/03_infer.ipynb #a1c2383b
 class OpenVinoBackend:
-    "Runs an exported ONNX file with OpenVINO on the CPU, in bf16 where the CPU computes bf16 natively."
-    max_batch = 256  # the largest shape compiled; beyond it throughput no longer grows
-    def __init__(self, path: str | Path, threads: int = 0):  # 0: OpenVINO's choice
+    "Runs an exported ONNX file with OpenVINO on the CPU, in bf16 where the CPU has native bf16."
+    # the largest shape compiled; beyond it throughput no longer grows
+    max_batch = 256
+
+    def __init__(self,
+                 path: str | Path,  # an ONNX file of `cifar10 export`
+                 threads: int = 0,  # 0: OpenVINO's choice
+                ):
         import openvino as ov
         self.core, self.path, self.requests = ov.Core(), str(path), {}
         bf16 = 'BF16' in self.core.get_property('CPU', 'OPTIMIZATION_CAPABILITIES')
-        self.config = {'INFERENCE_PRECISION_HINT': 'bf16' if bf16 else 'f32', 'PERFORMANCE_HINT': 'LATENCY'}
+        self.config = {'INFERENCE_PRECISION_HINT': 'bf16' if bf16 else 'f32',
+                       'PERFORMANCE_HINT': 'LATENCY'}
         if threads: self.config['INFERENCE_NUM_THREADS'] = threads
 
     def request(self, batch_size: int):
-        "An inference request compiled for exactly `batch_size` images (static shapes run 1.5-2.5× faster)."
+        "An inference request compiled for `batch_size` images (static shapes run 1.5-2.5× faster)."
         if batch_size not in self.requests:
             model = self.core.read_model(self.path)
             model.reshape({model.inputs[0]: [batch_size, 3, IMAGE_SIZE, IMAGE_SIZE]})
-            self.requests[batch_size] = self.core.compile_model(model, 'CPU', self.config).create_infer_request()
+            compiled = self.core.compile_model(model, 'CPU', self.config)
+            self.requests[batch_size] = compiled.create_infer_request()
         return self.requests[batch_size]
 
     def __call__(self, images: np.ndarray) -> np.ndarray:
-        if len(images) > self.max_batch:  # as chunks: no new shape to compile for them
-            return np.concatenate([self(images[i:i + self.max_batch]) for i in range(0, len(images), self.max_batch)])
         n = len(images)
-        size = 1 << (n - 1).bit_length()  # padded to a power of two
-        padded = np.concatenate([images, np.zeros((size - n, *images.shape[1:]), images.dtype)]) if size > n else images
-        return self.request(size).infer({0: np.ascontiguousarray(padded)})[0][:n].copy()
+        # as chunks: no new shape to compile for them
+        if n > self.max_batch:
+            starts = range(0, n, self.max_batch)
+            return np.concatenate([self(images[i:i + self.max_batch]) for i in starts])
+        # padded to a power of two
+        size = 1 << (n - 1).bit_length()
+        if size > n:
+            images = np.concatenate([images, np.zeros((size - n, *images.shape[1:]), images.dtype)])
+        return self.request(size).infer({0: np.ascontiguousarray(images)})[0][:n].copy()
 
 # %% ../nbs/03_infer.ipynb #8e8fce95
 @dataclass
 class Predictor:
     "A backend that maps (N, 3, 32, 32) `uint8` images to logits, and the description of its model."
-    backend: object  # `TorchBackend`, `OnnxBackend`, `OpenVinoBackend`, or any callable from images to logits
+    backend: object  # images to logits: `TorchBackend`, `OnnxBackend`, `OpenVinoBackend`, ...
     description: ModelDescription
 
     @property
@@ -122,28 +148,32 @@ class Predictor:
         return [[(self.classes[i], round(float(row[i]), 6)) for i in order]
                 for row, order in zip(probabilities, ranked)]
 
-# %% ../nbs/03_infer.ipynb #b615b902
-ONNX_FILES = {'onnx': '.onnx', 'onnx-int8': '.int8.onnx', 'openvino': '.onnx'}  # the export each backend runs
-
+# %% ../nbs/03_infer.ipynb #e8c2699e
 def is_export_of(description: ModelDescription, checkpoint: Path) -> bool:
     "Whether an ONNX file with `description` was exported from the `checkpoint` file as it is now."
     with open(checkpoint, 'rb') as f: digest = hashlib.file_digest(f, 'sha256').hexdigest()
     return description.checkpoint_sha256 == digest
 
-def onnx_predictor(settings: PredictorSettings, path: Path,
-                   checkpoint: Path | None = None) -> Predictor:  # the checkpoint it must be an export of, if any
+# %% ../nbs/03_infer.ipynb #b615b902
+def onnx_predictor(settings: PredictorSettings,
+                   path: Path,  # the ONNX file
+                   checkpoint: Path | None = None,  # the checkpoint it must be an export of, if any
+                  ) -> Predictor:
     "The predictor of the ONNX file at `path`, on the ONNX backend of `settings`."
     format = 'onnx-int8' if settings.backend == 'onnx-int8' else 'onnx'
     export = f'cifar10 export --checkpoint_name {settings.checkpoint_name} --format {format}'
     if not path.is_file(): raise CheckpointError(f'{path}: not exported yet; run {export}')
     description = onnx_description(path)
     if checkpoint and not is_export_of(description, checkpoint):
-        raise CheckpointError(f'{path}: exported from an earlier version of {checkpoint.name} (the run was '
-                              f'resumed or retrained since); run {export} again')
+        raise CheckpointError(f'{path}: exported from an earlier version of {checkpoint.name} '
+                              f'(the run was resumed or retrained since); run {export} again')
     runtime = OpenVinoBackend if settings.backend == 'openvino' else OnnxBackend
     return Predictor(runtime(path, settings.threads), description)
 
 # %% ../nbs/03_infer.ipynb #c8663030
+# the export that each ONNX backend runs, as the suffix that replaces a checkpoint's `.ckpt`
+ONNX_FILES = {'onnx': '.onnx', 'onnx-int8': '.int8.onnx', 'openvino': '.onnx'}
+
 def load_predictor(settings: PredictorSettings) -> Predictor:
     "The `Predictor` of the model that `settings` name, running on their backend."
     name, backend = settings.checkpoint_name, settings.backend
@@ -151,18 +181,23 @@ def load_predictor(settings: PredictorSettings) -> Predictor:
         raise CheckpointError(f'unknown backend {backend!r}; choose one of {", ".join(BACKENDS)}')
     registered = name.startswith('models:/')
     if registered and backend != 'torch':
-        raise CheckpointError(f'{name}: registered models run on the torch backend; export a checkpoint for ONNX')
+        raise CheckpointError(f'{name}: registered models run on the torch backend; '
+                              'export a checkpoint for ONNX')
     path = None if registered else checkpoint_path(name, settings.models_dir)
     if path and path.suffix == '.onnx':
-        if backend == 'torch': raise CheckpointError(f'{name}: an ONNX file runs on an ONNX backend, not torch')
+        if backend == 'torch':
+            raise CheckpointError(f'{name}: an ONNX file runs on an ONNX backend, not torch')
         return onnx_predictor(settings, path)
-    if path and backend != 'torch': return onnx_predictor(settings, path.with_suffix(ONNX_FILES[backend]), path)
-    from cifar10.checkpoint import TorchBackend, load_checkpoint, load_registered  # only PyTorch runs these
+    if path and backend != 'torch':
+        return onnx_predictor(settings, path.with_suffix(ONNX_FILES[backend]), path)
+    # only PyTorch runs these
+    from cifar10.checkpoint import TorchBackend, load_checkpoint, load_registered
     classifier, description = load_registered(name) if registered else load_checkpoint(path)
     return Predictor(TorchBackend(classifier, settings.device), description)
 
 # %% ../nbs/03_infer.ipynb #ef306cdf
-MAX_PIXELS = 40_000_000  # larger images are refused before decoding
+# larger images are refused before decoding
+MAX_PIXELS = 40_000_000
 
 class ImageError(UserError):
     "An input that is not a usable image; the message says why."
@@ -170,10 +205,12 @@ class ImageError(UserError):
 class ImageTooLarge(ImageError):
     "An image with more pixels than `MAX_PIXELS`."
 
+# %% ../nbs/03_infer.ipynb #59841cc9
 def open_image(source: str | Path | bytes) -> Image.Image:
     "Open an image file or bytes lazily, refusing those of more than `MAX_PIXELS` pixels."
     try:
-        with warnings.catch_warnings():  # Pillow only warns of a possible bomb below twice its own limit
+        # Pillow only warns of a possible bomb below twice its own limit
+        with warnings.catch_warnings():
             warnings.simplefilter('error', Image.DecompressionBombWarning)
             image = Image.open(io.BytesIO(source) if isinstance(source, bytes) else source)
     except (Image.DecompressionBombWarning, Image.DecompressionBombError) as e:
@@ -181,41 +218,47 @@ def open_image(source: str | Path | bytes) -> Image.Image:
     except UnidentifiedImageError: raise ImageError('not an image Pillow can read') from None
     except OSError as e: raise ImageError(f'cannot read it ({e.strerror or e})') from None
     if image.width * image.height > MAX_PIXELS:
-        raise ImageTooLarge(f'{image.width}×{image.height} is more than the {MAX_PIXELS:,} pixels allowed')
+        raise ImageTooLarge(f'{image.width}×{image.height} is more than the {MAX_PIXELS:,} '
+                            'pixels allowed')
     return image
 
 # %% ../nbs/03_infer.ipynb #da9b2ca5
-HIGH_BIT_MODES = ('I', 'I;16', 'I;16B', 'I;16L', 'I;16N', 'F')  # Pillow's modes of more than 8 bits a pixel
+# Pillow's modes of more than 8 bits a pixel
+HIGH_BIT_MODES = ('I', 'I;16', 'I;16B', 'I;16L', 'I;16N', 'F')
 
 def to_rgb(image: Image.Image) -> Image.Image:
     "`image` as 8-bit RGB, upright as its EXIF orientation says, transparency composited on white."
     image = ImageOps.exif_transpose(image)
     if image.mode in HIGH_BIT_MODES:
         values = np.asarray(image, dtype=np.float64)
-        if image.mode == 'F' and values.max(initial=0) <= 1: values = values * 255  # floats in 0..1
-        elif values.max(initial=0) > 255: values = values / 257  # 16-bit range to 8-bit
+        # floats in 0..1 to 0..255, and the 16-bit range to 8 bits
+        if image.mode == 'F' and values.max(initial=0) <= 1: values = values * 255
+        elif values.max(initial=0) > 255: values = values / 257
         image = Image.fromarray(np.clip(values, 0, 255).round().astype(np.uint8), 'L')
     if image.mode in ('RGBA', 'LA', 'PA') or 'transparency' in image.info:
         image = Image.alpha_composite(Image.new('RGBA', image.size, 'white'), image.convert('RGBA'))
     return image.convert('RGB')
 
+# %% ../nbs/03_infer.ipynb #1356f0b9
 def square_resize(image: Image.Image, size: int = IMAGE_SIZE) -> Image.Image:
     "The largest centered square of `image`, resized to `size`×`size` with antialiasing."
     side = min(image.size)
     left, top = (image.width - side) // 2, (image.height - side) // 2
     if image.size == (size, size): return image
-    return image.resize((size, size), Image.Resampling.LANCZOS, box=(left, top, left + side, top + side))
+    box = (left, top, left + side, top + side)
+    return image.resize((size, size), Image.Resampling.LANCZOS, box=box)
 
 # %% ../nbs/03_infer.ipynb #1073ee75
 def read_image(source: str | Path | bytes) -> np.ndarray:
-    "A picture from a file or bytes as the (3, 32, 32) `uint8` array the network takes; `ImageError` if it can't be."
-    with open_image(source) as image:  # closes the file, whatever happens
+    "A picture (file or bytes) as the (3, 32, 32) `uint8` array the network takes, or `ImageError`."
+    # `with` closes the file, whatever happens
+    with open_image(source) as image:
         try:
-            if image.format == 'JPEG': image.draft('RGB', (2 * IMAGE_SIZE, 2 * IMAGE_SIZE))  # decode big JPEGs smaller
-            if image.mode in HIGH_BIT_MODES:  # resized first: converted at full size, they take 8 bytes a pixel
-                image = square_resize(ImageOps.exif_transpose(image))
+            if image.format == 'JPEG': image.draft('RGB', (2 * IMAGE_SIZE, 2 * IMAGE_SIZE))
+            if image.mode in HIGH_BIT_MODES: image = square_resize(ImageOps.exif_transpose(image))
             return np.asarray(square_resize(to_rgb(image))).transpose(2, 0, 1).copy()
-        except (OSError, ValueError, SyntaxError) as e:  # Pillow reports damaged data in these
+        # Pillow reports damaged data in these
+        except (OSError, ValueError, SyntaxError) as e:
             raise ImageError(f'damaged or truncated image data ({e})') from None
 
 # %% ../nbs/03_infer.ipynb #b3d9dfb7
@@ -225,21 +268,30 @@ def image_files(paths: list[str | Path]) -> list[Path]:
     "`paths`, with each folder replaced by the image files in it and its subfolders, sorted."
     found = []
     for path in map(Path, paths):
-        if not path.is_dir(): found.append(path); continue  # a file is read whatever its name: errors say why not
-        images = sorted(p for p in path.rglob('*') if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
-        if not images: raise UserError(f'{path}: no image files ({" ".join(sorted(IMAGE_SUFFIXES))}) in it or below')
+        # a file is read whatever its name: errors say why not
+        if not path.is_dir():
+            found.append(path)
+            continue
+        images = sorted(p for p in path.rglob('*')
+                        if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+        if not images:
+            suffixes = ' '.join(sorted(IMAGE_SUFFIXES))
+            raise UserError(f'{path}: no image files ({suffixes}) in it or below')
         found += images
     return found
 
-def predict_files(predictor: Predictor, paths: list[str | Path], top_k: int = 3, batch_size: int = 256) -> list[dict]:
-    "A record per image file: its `top_k` classes and probabilities, or the `error` that stopped it."
+# %% ../nbs/03_infer.ipynb #f107ceab
+def predict_files(predictor: Predictor, paths: list[str | Path], top_k: int = 3,
+                  batch_size: int = 256) -> list[dict]:
+    "A record per image: its `top_k` classes and probabilities, or the `error` that stopped it."
     records = []
     files = image_files(paths)
     for start in range(0, len(files), batch_size):
-        chunk, images, readable = files[start:start + batch_size], [], []
-        for path in chunk:
-            try: images.append(read_image(path)); readable.append({'path': str(path)})
+        images, readable = [], []
+        for path in files[start:start + batch_size]:
+            try: images.append(read_image(path))
             except ImageError as e: records.append({'path': str(path), 'error': str(e)})
+            else: readable.append({'path': str(path)})
         if images:
             for record, ranked in zip(readable, predictor.predict(np.stack(images), top_k)):
                 record.update(label=ranked[0][0], probability=ranked[0][1],
@@ -251,7 +303,8 @@ def predict_files(predictor: Predictor, paths: list[str | Path], top_k: int = 3,
 # %% ../nbs/03_infer.ipynb #e79b3c15
 def write_predictions(records: list[dict], path: str | Path):
     "Write `records` to `path`, as CSV or JSON by its suffix, atomically."
-    from cifar10.data import atomic_path  # the data chapter's; it imports PyTorch, which a server never needs
+    # the data chapter's; it imports PyTorch, which a server never needs
+    from cifar10.data import atomic_path
     path = Path(path)
     with atomic_path(path) as tmp:
         if path.suffix.lower() == '.csv':
@@ -259,25 +312,35 @@ def write_predictions(records: list[dict], path: str | Path):
                 writer = csv.writer(f)
                 writer.writerow(['path', 'label', 'probability', 'top_k', 'error'])
                 for r in records:
-                    ranked = ' '.join(f'{o["class"]}:{o["probability"]:.4f}' for o in r.get('top_k', []))
-                    writer.writerow([r['path'], r.get('label', ''), r.get('probability', ''), ranked,
-                                     r.get('error', '')])
+                    top_k = r.get('top_k', [])
+                    ranked = ' '.join(f'{o["class"]}:{o["probability"]:.4f}' for o in top_k)
+                    writer.writerow([r['path'], r.get('label', ''), r.get('probability', ''),
+                                     ranked, r.get('error', '')])
         else: tmp.write_text(json.dumps(records, indent=2) + '\n')
 
 # %% ../nbs/03_infer.ipynb #5493a6e5
-def evaluate(predictor: Predictor, images: np.ndarray, labels: np.ndarray, batch_size: int = 1000) -> dict:
-    "Accuracy and mean cross-entropy of `predictor` on `images` (N, 3, 32, 32) `uint8` with `labels`."
+def evaluate(predictor: Predictor,
+             images: np.ndarray,  # (N, 3, 32, 32) `uint8`
+             labels: np.ndarray,  # (N,) class indices
+             batch_size: int = 1000) -> dict:
+    "Accuracy and mean cross-entropy of `predictor` on `images` with `labels`."
     correct, loss = 0, 0.0
     for start in range(0, len(labels), batch_size):
         logits = predictor.logits(np.array(images[start:start + batch_size])).astype(np.float64)
         target = np.array(labels[start:start + batch_size])
         largest = logits.max(1, keepdims=True)
-        log_sum = np.log(np.exp(logits - largest).sum(1)) + largest[:, 0]  # log of the softmax's denominator
+        # the log of the softmax's denominator
+        log_sum = np.log(np.exp(logits - largest).sum(1)) + largest[:, 0]
         correct += int((logits.argmax(1) == target).sum())
         loss += float((log_sum - logits[np.arange(len(target)), target]).sum())
-    return {'accuracy': correct / len(labels), 'cross_entropy': loss / len(labels), 'images': len(labels)}
+    n = len(labels)
+    return {'accuracy': correct / n, 'cross_entropy': loss / n, 'images': n}
 
-def evaluate_split(predictor: Predictor, data_dir: str | Path = 'data', split: str = 'test') -> dict:
+# %% ../nbs/03_infer.ipynb #b880177d
+def evaluate_split(predictor: Predictor,
+                   data_dir: str | Path = 'data',  # where `cifar10 data` wrote the splits
+                   split: str = 'test') -> dict:
     "`evaluate` on a split that `cifar10 data` wrote."
-    from cifar10.data import load_split  # the data chapter's; it imports PyTorch
+    # the data chapter's; it imports PyTorch
+    from cifar10.data import load_split
     return evaluate(predictor, *load_split(data_dir, split))
