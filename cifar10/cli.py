@@ -13,52 +13,65 @@ from typing import Optional
 from jsonargparse import ArgumentParser, Namespace
 
 import cifar10
-from .config import (ExportSettings, InferSettings, ServeSettings, SweepConfig, UserError, add_settings_flags,
-                            config_from_namespace, config_parser, settings_from_namespace)
+from .config import (ExportSettings, InferSettings, ServeSettings, SweepConfig, UserError,
+                            add_settings_flags, config_from_namespace, config_parser,
+                            settings_from_namespace)
 
 # %% auto #0
-__all__ = ['COMMANDS', 'data_parser', 'run_data', 'train_parser', 'run_train', 'infer_parser', 'run_infer', 'export_parser',
-           'run_export', 'serve_parser', 'run_serve', 'sweep_parser', 'run_sweep', 'build_parser', 'main']
+__all__ = ['COMMANDS', 'data_parser', 'run_data', 'train_parser', 'run_train', 'infer_parser', 'print_predictions', 'run_infer',
+           'export_parser', 'run_export', 'serve_parser', 'run_serve', 'sweep_parser', 'run_sweep', 'build_parser',
+           'main']
 
 # %% ../nbs/05_cli.ipynb #a70f86d6
 def data_parser() -> ArgumentParser:
     "Flags of `cifar10 data`."
-    parser = ArgumentParser(description='Get CIFAR-10, check it, and write DATA_DIR/train and DATA_DIR/test as arrays.',
-                            allow_abbrev=False)
+    parser = ArgumentParser(
+        description='Get CIFAR-10, check it, and write DATA_DIR/train and DATA_DIR/test as arrays.',
+        allow_abbrev=False)
     parser.add_argument('--archive', type=Optional[str], default=None,
-                        help='a local cifar-10-python.tar.gz (default: $CIFAR10_ARCHIVE, else the official download)')
-    parser.add_argument('--sha256', type=Optional[str], default=None, help='the sha256 the local archive must have')
-    parser.add_argument('--data_dir', type=str, default='data', help='where to write train/ and test/')
+                        help='a local cifar-10-python.tar.gz (default: $CIFAR10_ARCHIVE, '
+                             'else the official download)')
+    parser.add_argument('--sha256', type=Optional[str], default=None,
+                        help='the sha256 the local archive must have')
+    parser.add_argument('--data_dir', type=str, default='data',
+                        help='where to write train/ and test/')
     parser.add_argument('--url', type=Optional[str], default=None,
-                        help='where to download the archive from (default: the official address); a mirror must '
-                             'serve the official file (md5 checked)')
+                        help='where to download the archive from (default: the official address); '
+                             'a mirror must serve the official file (md5 checked)')
     return parser
 
+# %% ../nbs/05_cli.ipynb #760c0638
 def run_data(args: Namespace):
     "Get, check and convert the archive."
     from cifar10.data import ARCHIVE_URL, convert_archive, find_archive
     archive = find_archive(args.archive, args.sha256, url=args.url or ARCHIVE_URL)
-    for split, folder in convert_archive(archive, args.data_dir).items(): print(f'{split}: {folder}')
+    for split, folder in convert_archive(archive, args.data_dir).items():
+        print(f'{split}: {folder}')
 
 # %% ../nbs/05_cli.ipynb #7c76a0fc
 def train_parser() -> ArgumentParser:
     "Flags of `cifar10 train`: the configuration, and `--resume`."
-    parser = config_parser(description='Train a model, track the run in MLflow, save checkpoints in models/ and '
-                                       'register the model.')
-    parser.add_argument('--resume', type=Optional[str], default=None,
-                        help='continue this run (a name in models/, or its folder) from its last checkpoint')
+    parser = config_parser(description='Train a model, track the run in MLflow, save checkpoints '
+                                       'in models/ and register the model.')
+    parser.add_argument(
+        '--resume', type=Optional[str], default=None,
+        help='continue this run (a name in models/, or its folder) from its last checkpoint')
     return parser
 
+# %% ../nbs/05_cli.ipynb #0b5eb150
 def run_train(args: Namespace):
     "Train (or resume), then say where everything went."
     from cifar10.trainer import fit, run_config, source_tags
     cfg = run_config(args.resume, config_from_namespace(args))
-    presets = ', '.join(map(str, args.config or []))  # the --config files read, in order
+    # the --config files read, in order
+    presets = ', '.join(map(str, args.config or []))
     run = fit(cfg, resume=bool(args.resume), tags=source_tags('cifar10 train', presets))
-    if run is None: return  # another rank of a data-parallel run: rank 0 reports
+    # another rank of a data-parallel run: rank 0 reports
+    if run is None: return
     print(f'run {run.name}: test accuracy {run.test_metrics["test/acc"]:.4f}, '
           f'cross-entropy {run.test_metrics["test/loss"]:.4f}')
-    best = f', {run.folder}/best.ckpt (best validation accuracy)' if (run.folder/'best.ckpt').exists() else ''
+    has_best = (run.folder/'best.ckpt').exists()
+    best = f', {run.folder}/best.ckpt (best validation accuracy)' if has_best else ''
     print(f'checkpoints: {run.folder}/last.ckpt (final){best}')
     print(f'MLflow run {run.run_id} at {run.tracking_uri}')
     print(run.champion)
@@ -66,13 +79,23 @@ def run_train(args: Namespace):
 # %% ../nbs/05_cli.ipynb #b81f7bc2
 def infer_parser() -> ArgumentParser:
     "Flags of `cifar10 infer`: the pictures, then `InferSettings`."
-    parser = ArgumentParser(description='Classify pictures with a trained model, or evaluate it on the test split.',
-                            allow_abbrev=False)
+    parser = ArgumentParser(
+        description='Classify pictures with a trained model, or evaluate it on the test split.',
+        allow_abbrev=False)
     parser.add_argument('paths', nargs='*', type=str, default=[],
                         help='image files or folders; none: evaluate on the test split')
     add_settings_flags(parser, InferSettings)
     return parser
 
+# %% ../nbs/05_cli.ipynb #f7320ece
+def print_predictions(records: list[dict]):
+    "One line per picture: its path, then its classes and probabilities or its error."
+    for r in records:
+        if 'error' in r: shown = f'error: {r["error"]}'
+        else: shown = ' '.join(f'{o["class"]}:{o["probability"]:.3f}' for o in r['top_k'])
+        print(f'{r["path"]}\t{shown}')
+
+# %% ../nbs/05_cli.ipynb #83f20505
 def run_infer(args: Namespace):
     "Classify the pictures, or evaluate on the test split."
     from cifar10.infer import evaluate_split, load_predictor, predict_files, write_predictions
@@ -84,44 +107,47 @@ def run_infer(args: Namespace):
               f'cross-entropy {metrics["cross_entropy"]:.4f} on {metrics["images"]} test images')
         if settings.output:
             from cifar10.data import atomic_path
-            with atomic_path(settings.output) as tmp: tmp.write_text(json.dumps(metrics, indent=2) + '\n')
+            with atomic_path(settings.output) as tmp:
+                tmp.write_text(json.dumps(metrics, indent=2) + '\n')
         return
     records = predict_files(predictor, args.paths, settings.top_k)
-    for r in records:
-        print(f'{r["path"]}\t' + (f'error: {r["error"]}' if 'error' in r else
-                                   ' '.join(f'{o["class"]}:{o["probability"]:.3f}' for o in r['top_k'])))
+    print_predictions(records)
     if settings.output: write_predictions(records, settings.output)
     if failed := sum('error' in r for r in records):
-        print(f'cifar10 infer: {failed} of {len(records)} inputs could not be classified', file=sys.stderr)
+        print(f'cifar10 infer: {failed} of {len(records)} inputs could not be classified',
+              file=sys.stderr)
         sys.exit(1)
 
 # %% ../nbs/05_cli.ipynb #4a52eb5d
 def export_parser() -> ArgumentParser:
     "Flags of `cifar10 export`: `ExportSettings`."
-    parser = ArgumentParser(description='Export a checkpoint to ONNX for fast CPU inference, and check it agrees '
-                                        'with PyTorch on the test split.', allow_abbrev=False)
+    parser = ArgumentParser(description='Export a checkpoint to ONNX for fast CPU inference, and '
+                                        'check it agrees with PyTorch on the test split.',
+                            allow_abbrev=False)
     add_settings_flags(parser, ExportSettings)
     return parser
 
+# %% ../nbs/05_cli.ipynb #e8fbb973
 def run_export(args: Namespace):
     "Export and check."
     from cifar10.export import export_checkpoint
     path, checks = export_checkpoint(settings_from_namespace(ExportSettings, args))
     print(f'wrote {path}')
-    for backend, check in checks.items():
-        print(f'--backend {backend}, on {check["images"]} test images: top-1 agreement with PyTorch '
-              f'{check["top1_agreement"]:.4%}, max logit difference {check["max_logit_difference"]:.4g}, '
-              f'accuracy {check["candidate_accuracy"]:.4f} (PyTorch {check["reference_accuracy"]:.4f})')
+    for backend, c in checks.items():
+        print(f'--backend {backend}, on {c["images"]} test images: top-1 agreement with PyTorch '
+              f'{c["top1_agreement"]:.4%}, max logit difference {c["max_logit_difference"]:.4g}, '
+              f'accuracy {c["candidate_accuracy"]:.4f} (PyTorch {c["reference_accuracy"]:.4f})')
 
 # %% ../nbs/05_cli.ipynb #aad1294b
 def serve_parser() -> ArgumentParser:
     "Flags of `cifar10 serve`: `ServeSettings`."
-    parser = ArgumentParser(description='Serve a model over HTTP: a page to classify pictures at /, POST /predict '
-                                        '(an image body or multipart image files), /docs, /metrics, /health.',
-                            allow_abbrev=False)
+    parser = ArgumentParser(description='Serve a model over HTTP: a page to classify pictures at '
+                                        '/, POST /predict (an image body or multipart image '
+                                        'files), /docs, /metrics, /health.', allow_abbrev=False)
     add_settings_flags(parser, ServeSettings)
     return parser
 
+# %% ../nbs/05_cli.ipynb #63beafed
 def run_serve(args: Namespace):
     "Serve until stopped."
     from cifar10.serve import serve
@@ -129,43 +155,56 @@ def run_serve(args: Namespace):
 
 # %% ../nbs/05_cli.ipynb #7285a4da
 def sweep_parser() -> ArgumentParser:
-    "Flags of `cifar10 sweep`: the configuration every trial starts from, and the search (`--sweep.*`)."
-    parser = config_parser(description='Search hyperparameters with Optuna: train trials of a study that any number '
-                                       'of workers share, judge them on held-out training images, and write the '
-                                       'best configuration as a preset.')
-    add_settings_flags(parser.add_argument_group(f'sweep: {SweepConfig.__doc__}'), SweepConfig, 'sweep.')
+    "Flags of `cifar10 sweep`: the configuration trials start from, and the search (`--sweep.*`)."
+    parser = config_parser(description='Search hyperparameters with Optuna: train trials of a '
+                                       'study that any number of workers share, judge them on '
+                                       'held-out training images, and write the best '
+                                       'configuration as a preset.')
+    group = parser.add_argument_group(f'sweep: {SweepConfig.__doc__}')
+    add_settings_flags(group, SweepConfig, 'sweep.')
     return parser
 
+# %% ../nbs/05_cli.ipynb #d0dde9c2
 def run_sweep(args: Namespace):
     "Run this worker's trials, then say how the study stands."
     from cifar10.sweep import sweep
     from cifar10.trainer import source_tags
     settings = settings_from_namespace(SweepConfig, args.sweep)
-    presets = ', '.join(map(str, args.config or []))  # the --config files read, in order
-    result = sweep(config_from_namespace(args), settings, tags=source_tags('cifar10 sweep', presets))
+    # the --config files read, in order
+    presets = ', '.join(map(str, args.config or []))
+    tags = source_tags('cifar10 sweep', presets)
+    result = sweep(config_from_namespace(args), settings, tags=tags)
     states = [t.state.name.lower() for t in result.trials]
     print(f'study {result.study}: this worker ran {len(states)} trials '
           f'({states.count("complete")} finished, {states.count("pruned")} pruned)')
-    if result.best is None: print('no trial of the study has finished yet: no preset written')
+    best = result.best
+    if best is None: print('no trial of the study has finished yet: no preset written')
     else:
-        print(f'best so far: trial {result.best.number}, {settings.metric} {result.best.value:.4f}; '
+        print(f'best so far: trial {best.number}, {settings.metric} {best.value:.4f}; '
               f'its configuration: {result.preset} (cifar10 train --config {result.preset})')
     print(f'MLflow parent run {result.parent_run_id}')
 
 # %% ../nbs/05_cli.ipynb #7c462a91
-COMMANDS = {'data': (data_parser, run_data, 'get, check and convert CIFAR-10 into data/'),
-            'train': (train_parser, run_train, 'train a model and track it in MLflow'),
-            'infer': (infer_parser, run_infer, 'classify pictures, or evaluate on the test split'),
-            'export': (export_parser, run_export, 'export a checkpoint to ONNX (float32 or int8)'),
-            'serve': (serve_parser, run_serve, 'serve a model over HTTP'),
-            'sweep': (sweep_parser, run_sweep, 'search hyperparameters with Optuna, in a study many workers share')}
+# each command's parser, what runs it, and its line in `cifar10 --help`
+COMMANDS = {
+    'data': (data_parser, run_data, 'get, check and convert CIFAR-10 into data/'),
+    'train': (train_parser, run_train, 'train a model and track it in MLflow'),
+    'infer': (infer_parser, run_infer, 'classify pictures, or evaluate on the test split'),
+    'export': (export_parser, run_export, 'export a checkpoint to ONNX (float32 or int8)'),
+    'serve': (serve_parser, run_serve, 'serve a model over HTTP'),
+    'sweep': (sweep_parser, run_sweep,
+              'search hyperparameters with Optuna, in a study many workers share')}
 
+# %% ../nbs/05_cli.ipynb #539ab4f4
 def build_parser() -> ArgumentParser:
     "The `cifar10` parser with every subcommand."
-    parser = ArgumentParser(prog='cifar10', description='Train, track, version and serve a CIFAR-10 classifier.')
+    parser = ArgumentParser(prog='cifar10',
+                            description='Train, track, version and serve a CIFAR-10 classifier.')
     parser.add_argument('--version', action='version', version=f'%(prog)s {cifar10.__version__}')
-    subcommands = parser.add_subcommands(dest='command', title='commands', help='',  # no stray "(required)"
-                                         description='`cifar10 COMMAND --help` lists the flags of each.')
+    # help='': no stray "(required)"
+    subcommands = parser.add_subcommands(
+        dest='command', title='commands', help='',
+        description='`cifar10 COMMAND --help` lists the flags of each.')
     for name, (make_parser, _, summary) in COMMANDS.items():
         subcommands.add_subcommand(name, make_parser(), help=summary)
     return parser
@@ -175,7 +214,8 @@ def main(argv: list[str] | None = None):
     "Entry point of the `cifar10` command."
     args = build_parser().parse_args(argv)
     try: COMMANDS[args.command][1](args[args.command])
-    except (UserError, OSError) as e:  # OSError: a file or folder the system refused (full disk, no permission ...)
+    # OSError: a file or folder the system refused (full disk, no permission ...)
+    except (UserError, OSError) as e:
         if os.environ.get('CIFAR10_DEBUG'): raise
         print(f'cifar10 {args.command}: error: {e}', file=sys.stderr)
         sys.exit(1)

@@ -15,22 +15,26 @@ import optuna
 import sqlalchemy
 import yaml
 from jsonargparse import ArgumentError
-from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution, IntDistribution
+from optuna.distributions import (BaseDistribution, CategoricalDistribution, FloatDistribution,
+                                  IntDistribution)
 from optuna.trial import FrozenTrial, TrialState
 from optuna_integration import PyTorchLightningPruningCallback
 
-from .config import (SECTIONS, Config, ConfigError, SweepConfig, UserError, config_parser, config_to_yaml,
-                            load_config)
+from .config import (SECTIONS, Config, ConfigError, SweepConfig, UserError, config_parser,
+                            config_to_yaml, load_config)
 from .data import atomic_path, load_split
-from .trainer import artifact_location, check_tracking_server, fit, process_count, tracking_uri
+from .trainer import (artifact_location, check_tracking_server, fit, process_count,
+                             tracking_uri)
 
 # %% auto #0
 __all__ = ['NOT_SEARCHED', 'DIRECTIONS', 'log', 'search_space', 'trial_config', 'open_study', 'parent_run', 'run_trial',
            'write_best', 'SweepResult', 'sweep']
 
 # %% ../nbs/06_sweep.ipynb #bd3ba849
-NOT_SEARCHED = {  # keys a sweep keeps fixed, and why
-    'data.data_dir': 'trials are compared on the same images', 'data.subset': 'it changes the images trials use',
+# keys a sweep keeps fixed, and why
+NOT_SEARCHED = {
+    'data.data_dir': 'trials are compared on the same images',
+    'data.subset': 'it changes the images trials use',
     'data.val_size': 'it changes the held-out images that judge trials',
     'training.seed': 'it also picks the held-out images that judge trials',
     'training.models_dir': 'it says where trials are kept, not how they train',
@@ -38,47 +42,58 @@ NOT_SEARCHED = {  # keys a sweep keeps fixed, and why
     'training.num_nodes': 'a trial runs in one process; start more workers instead',
     'training.strategy': 'a trial runs in one process; start more workers instead'}
 
+# %% ../nbs/06_sweep.ipynb #61c888e4
 def _number_type(kind):
-    "`int` or `float` if a setting of type `kind` (`Optional` and restricted numbers included) is one, else `None`."
+    "`int` or `float` if a setting of type `kind` is a number (`Optional` ones too), else `None`."
     kinds = [k for k in (get_args(kind) or (kind,)) if k is not type(None)]
     if len(kinds) != 1 or not isinstance(kinds[0], type) or issubclass(kinds[0], bool): return None
     return next((t for t in (int, float) if issubclass(kinds[0], t)), None)
 
+# %% ../nbs/06_sweep.ipynb #ab505fac
 def _distribution(key: str, spec, kind) -> BaseDistribution:
-    "The distribution of one key: a list is a choice; `{low, high}` (with `log`, `step`) a range of the key's type."
+    "One key's distribution: a list is a choice; `{low, high}` (`log`, `step`) a range of its type."
     if isinstance(spec, list) and spec: return CategoricalDistribution(spec)
-    if not isinstance(spec, dict) or not {'low', 'high'} <= spec.keys() <= {'low', 'high', 'log', 'step'}:
-        raise ConfigError(f'sweep.space: {key}: give a list of choices, or {{low: ..., high: ...}} (optionally log: '
-                          f'true or step: ...), not {spec!r}')
+    keys = {'low', 'high', 'log', 'step'}
+    if not isinstance(spec, dict) or not {'low', 'high'} <= spec.keys() <= keys:
+        raise ConfigError(f'sweep.space: {key}: give a list of choices, or {{low: ..., high: ...}} '
+                          f'(optionally log: true or step: ...), not {spec!r}')
     number = _number_type(kind)
-    if number is None: raise ConfigError(f'sweep.space: {key} is not a number; give a list of choices')
+    if number is None:
+        raise ConfigError(f'sweep.space: {key} is not a number; give a list of choices')
     if number is int and not all(isinstance(spec.get(k, 1), int) for k in ('low', 'high', 'step')):
-        raise ConfigError(f'sweep.space: {key} is an integer setting; its low, high and step must be integers')
+        raise ConfigError(f'sweep.space: {key} is an integer setting; '
+                          'its low, high and step must be integers')
     try: return (IntDistribution if number is int else FloatDistribution)(**spec)
     except ValueError as e: raise ConfigError(f'sweep.space: {key}: {e}') from None
 
+# %% ../nbs/06_sweep.ipynb #7ff128ac
 def search_space(space: dict) -> dict[str, BaseDistribution]:
-    "Optuna's distribution of each key of `space` (`section.key` -> a list of choices, or a range), all checked."
-    if not space: raise ConfigError('sweep.space is empty: give the settings to search, e.g. training.lr: {low: 0.5, '
-                                    'high: 4, log: true}')
+    "Optuna's distribution of each key of `space` (`section.key` -> choices or a range), checked."
+    if not space:
+        raise ConfigError('sweep.space is empty: give the settings to search, e.g. training.lr: '
+                          '{low: 0.5, high: 4, log: true}')
     distributions, parser = {}, config_parser(exit_on_error=False)
     for key, spec in space.items():
         section, _, name = key.partition('.')
         kinds = get_type_hints(SECTIONS[section]) if section in SECTIONS else {}
         if name not in kinds:
-            raise ConfigError(f'sweep.space: {key} is not a setting; spell keys section.key, e.g. training.lr')
-        if reason := NOT_SEARCHED.get(key, section == 'logging' and 'it says where a trial is tracked'):
-            raise ConfigError(f'sweep.space: {key} cannot be searched: {reason}')
+            raise ConfigError(f'sweep.space: {key} is not a setting; spell keys section.key, '
+                              'e.g. training.lr')
+        reason = NOT_SEARCHED.get(key, section == 'logging' and 'it says where a trial is tracked')
+        if reason: raise ConfigError(f'sweep.space: {key} cannot be searched: {reason}')
         distributions[key] = found = _distribution(key, spec, kinds[name])
-        for value in found.choices if isinstance(found, CategoricalDistribution) else (found.low, found.high):
-            try: parser.parse_object({section: {name: value}})  # the key's type and range; how it fits others: later
+        choice = isinstance(found, CategoricalDistribution)
+        for value in found.choices if choice else (found.low, found.high):
+            # the key's type and range; how it fits the other settings is checked later
+            try: parser.parse_object({section: {name: value}})
             except ArgumentError as e:
-                raise ConfigError(f'sweep.space: {key} cannot be {value!r} ({" ".join(str(e).split())})') from None
+                raise ConfigError(f'sweep.space: {key} cannot be {value!r} '
+                                  f'({" ".join(str(e).split())})') from None
     return distributions
 
 # %% ../nbs/06_sweep.ipynb #e84dbdf9
 def trial_config(base: Config, params: dict, run_name: str) -> Config:
-    "`base` with a trial's `params` (`section.key` -> value), its run called `run_name`; every value checked."
+    "`base` with a trial's `params` (`section.key` -> value), its run named `run_name`; checked."
     sections = asdict(base)
     for key, value in params.items():
         section, _, name = key.partition('.')
@@ -90,76 +105,92 @@ def trial_config(base: Config, params: dict, run_name: str) -> Config:
 DIRECTIONS = {'val/acc': 'maximize', 'val/loss': 'minimize'}
 
 def _storage(url: str, attempts: int = 3) -> optuna.storages.RDBStorage:
-    "Optuna's storage at `url`, its tables created if needed (a worker that loses the race to create them retries)."
+    "Optuna's storage at `url`, its tables created if needed (by the winner of a race)."
     for attempt in range(attempts):
         try: return optuna.storages.RDBStorage(url)
         except sqlalchemy.exc.IntegrityError:
             if attempt == attempts - 1: raise
             time.sleep(1)
 
+# %% ../nbs/06_sweep.ipynb #7933e830
 def open_study(settings: SweepConfig) -> tuple[optuna.Study, bool]:
     "The study that `settings` name, and whether this worker created it."
     url = settings.storage or 'sqlite:///optuna.db'
     sampler = optuna.samplers.TPESampler(seed=settings.seed, constant_liar=True)
-    pruner = (optuna.pruners.MedianPruner(settings.startup_trials) if settings.pruning else optuna.pruners.NopPruner())
+    if settings.pruning: pruner = optuna.pruners.MedianPruner(settings.startup_trials)
+    else: pruner = optuna.pruners.NopPruner()
+    names = dict(study_name=settings.study, storage=None, sampler=sampler, pruner=pruner)
     try:
-        storage = _storage(url)
-        try: return optuna.create_study(storage=storage, sampler=sampler, pruner=pruner, study_name=settings.study,
-                                        direction=DIRECTIONS[settings.metric]), True
-        except optuna.exceptions.DuplicatedStudyError:
-            study = optuna.load_study(study_name=settings.study, storage=storage, sampler=sampler, pruner=pruner)
+        names['storage'] = _storage(url)
+        try: return optuna.create_study(direction=DIRECTIONS[settings.metric], **names), True
+        except optuna.exceptions.DuplicatedStudyError: study = optuna.load_study(**names)
     except (sqlalchemy.exc.SQLAlchemyError, ImportError, ValueError) as e:
-        shown = sqlalchemy.engine.make_url(url).render_as_string(hide_password=True) if '://' in url else url
-        raise UserError(f'sweep.storage {shown}: cannot open it as an Optuna storage ({str(e).splitlines()[0]}); '
-                        'give a database URL: sqlite:///optuna.db, postgresql://USER:PASSWORD@HOST/DB') from None
-    if study.direction.name.lower() != DIRECTIONS[settings.metric]:
+        if '://' in url: url = sqlalchemy.engine.make_url(url).render_as_string(hide_password=True)
+        raise UserError(f'sweep.storage {url}: cannot open it as an Optuna storage '
+                        f'({str(e).splitlines()[0]}); give a database URL: sqlite:///optuna.db, '
+                        'postgresql://USER:PASSWORD@HOST/DB') from None
+    direction = study.direction.name.lower()
+    if direction != DIRECTIONS[settings.metric]:
         raise ConfigError(f'sweep.metric {settings.metric}: study {settings.study} was created to '
-                          f'{study.direction.name.lower()} its metric; use its metric or another study')
+                          f'{direction} its metric; use its metric or another study')
     return study, False
 
 # %% ../nbs/06_sweep.ipynb #14faaa7b
 def parent_run(study: optuna.Study, created: bool, settings: SweepConfig, cfg: Config, uri: str,
                wait: float = 60) -> str:
-    "The id of the MLflow run whose children are the study's trials: made by the study's creator, found by the others."
+    "The id of the MLflow run whose children are the study's trials: made or found."
     client = mlflow.MlflowClient(uri)
     if created:
         experiment = client.get_experiment_by_name(cfg.logging.experiment)
         experiment_id = (experiment.experiment_id if experiment else
                          client.create_experiment(cfg.logging.experiment, artifact_location(uri)))
-        run = client.create_run(experiment_id, run_name=settings.study, tags={'optuna.study': settings.study})
-        client.log_dict(run.info.run_id, {'space': settings.space, 'metric': settings.metric}, 'sweep.yaml')
+        tags = {'optuna.study': settings.study}
+        run = client.create_run(experiment_id, run_name=settings.study, tags=tags)
+        sweep_file = {'space': settings.space, 'metric': settings.metric}
+        client.log_dict(run.info.run_id, sweep_file, 'sweep.yaml')
         study.set_user_attr('mlflow_parent_run', run.info.run_id)
         return run.info.run_id
     deadline = time.time() + wait
     while (run_id := study.user_attrs.get('mlflow_parent_run')) is None:
         if time.time() > deadline:
-            raise UserError(f'study {settings.study} has no MLflow parent run: the worker that created it stopped '
-                            'before making one; delete the study (optuna delete-study) or choose another sweep.study')
+            raise UserError(f'study {settings.study} has no MLflow parent run: the worker that '
+                            'created it stopped before making one; delete the study '
+                            '(optuna delete-study) or choose another sweep.study')
         time.sleep(1)
     try: client.get_run(run_id)
     except mlflow.exceptions.MlflowException:
-        raise UserError(f'study {settings.study} tracks its trials in another MLflow store (parent run {run_id} is not '
-                        f'at {uri}); use that logging.tracking_uri, or another sweep.study') from None
+        raise UserError(f'study {settings.study} tracks its trials in another MLflow store '
+                        f'(parent run {run_id} is not at {uri}); use that logging.tracking_uri, '
+                        'or another sweep.study') from None
     return run_id
 
 # %% ../nbs/06_sweep.ipynb #4a821e13
-log = optuna.logging.get_logger('optuna.cifar10')  # one line a trial, beside Optuna's own
+# one line a trial, beside Optuna's own
+log = optuna.logging.get_logger('optuna.cifar10')
 
-def run_trial(study: optuna.Study, space: dict, base: Config, settings: SweepConfig, parent: str, uri: str,
-              tags: dict | None = None) -> FrozenTrial:
-    "Ask `study` for a trial in `space`, train it as a child of MLflow run `parent`, and tell the study how it did."
+def _mark_pruned(client: mlflow.MlflowClient, cfg: Config, parent: str, number: int):
+    "Mark the MLflow run of pruned trial `number` (a child of run `parent`) as such, and end it."
+    experiment_id = client.get_experiment_by_name(cfg.logging.experiment).experiment_id
+    [run] = client.search_runs([experiment_id], f"tags.`mlflow.parentRunId` = '{parent}' "
+                                                f"and tags.`optuna.trial` = '{number}'")
+    client.set_tag(run.info.run_id, 'optuna.state', 'PRUNED')
+    client.set_terminated(run.info.run_id, 'KILLED')
+
+# %% ../nbs/06_sweep.ipynb #93527a30
+def run_trial(study: optuna.Study, space: dict, base: Config, settings: SweepConfig, parent: str,
+              uri: str, tags: dict | None = None) -> FrozenTrial:
+    "Ask `study` for a trial in `space`, train it as a child of MLflow run `parent`, tell `study`."
     trial = study.ask(space)
     cfg = trial_config(base, trial.params, f'{settings.study}-{trial.number}')
     trial.set_user_attr('config', config_to_yaml(cfg))
     tags = {**(tags or {}), 'mlflow.parentRunId': parent, 'optuna.study': settings.study,
             'optuna.trial': str(trial.number)}
-    callbacks = [PyTorchLightningPruningCallback(trial, settings.metric)] if settings.pruning else []
+    pruning = [PyTorchLightningPruningCallback(trial, settings.metric)]
+    callbacks = pruning if settings.pruning else []
     client = mlflow.MlflowClient(uri)
     try: run_id = fit(cfg, callbacks=callbacks, tags=tags).run_id
     except optuna.TrialPruned:
-        [run] = client.search_runs([client.get_experiment_by_name(cfg.logging.experiment).experiment_id],
-                                   f"tags.`mlflow.parentRunId` = '{parent}' and tags.`optuna.trial` = '{trial.number}'")
-        client.set_tag(run.info.run_id, 'optuna.state', 'PRUNED'); client.set_terminated(run.info.run_id, 'KILLED')
+        _mark_pruned(client, cfg, parent, trial.number)
         log.info(f'trial {trial.number} pruned, with {trial.params}')
         return study.tell(trial, state=TrialState.PRUNED)
     except BaseException:
@@ -167,21 +198,23 @@ def run_trial(study: optuna.Study, space: dict, base: Config, settings: SweepCon
         raise
     value = client.get_run(run_id).data.metrics[settings.metric]
     client.set_tag(run_id, 'optuna.state', 'COMPLETE')
-    client.log_metric(parent, settings.metric, value, step=trial.number)  # the sweep's progress, trial by trial
+    # the sweep's progress, trial by trial
+    client.log_metric(parent, settings.metric, value, step=trial.number)
     trial.set_user_attr('mlflow_run', run_id)
-    log.info(f'trial {trial.number} finished with {settings.metric} {value:.4f}, with {trial.params}')
+    log.info(f'trial {trial.number} finished with {settings.metric} {value:.4f}, '
+             f'with {trial.params}')
     return study.tell(trial, value)
 
 # %% ../nbs/06_sweep.ipynb #784d7a45
 def write_best(study: optuna.Study, metric: str, path: str | Path) -> FrozenTrial | None:
-    "Write the configuration of the study's best finished trial to `path` as a preset; that trial (`None`: none yet)."
+    "Write the configuration of the best finished trial to `path`; that trial (`None`: none yet)."
     if not study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)): return None
     best = study.best_trial
     cfg = load_config(overrides=yaml.safe_load(best.user_attrs['config']))
     cfg.logging.run_name = None
-    header = (f'# The best trial of the Optuna study {study.study_name!r}: trial {best.number}, {metric} '
-              f'{best.value:.4f} on {cfg.data.val_size}\n# held-out training images. Train with it: '
-              f'cifar10 train --config {path}\n')
+    header = (f'# The best trial of the Optuna study {study.study_name!r}: trial {best.number}, '
+              f'{metric} {best.value:.4f} on {cfg.data.val_size}\n# held-out training images. '
+              f'Train with it: cifar10 train --config {path}\n')
     with atomic_path(path) as tmp: tmp.write_text(header + config_to_yaml(cfg))
     return best
 
@@ -195,27 +228,37 @@ class SweepResult:
     best: FrozenTrial | None  # the study's best finished trial so far, any worker's
     preset: Path | None  # where its configuration was written
 
+# %% ../nbs/06_sweep.ipynb #fa8205bb
+def _check_sweep(cfg: Config):
+    "A `ConfigError` if trials of `cfg` would be judged on test images or use several processes."
+    if not cfg.data.val_size:
+        raise ConfigError('data.val_size is 0: a sweep judges its trials on held-out training '
+                          'images, never on the test split; set data.val_size, e.g. '
+                          '--data.val_size 5000')
+    if (processes := process_count(cfg.training)) > 1:
+        raise ConfigError(f'training.devices × training.num_nodes is {processes}: a sweep trains '
+                          'each trial in one process; start more sweep workers instead')
+
+# %% ../nbs/06_sweep.ipynb #6ea3a26a
 def sweep(cfg: Config,  # where every trial starts: its data, model and training settings
           settings: SweepConfig,  # the space, the study and its storage, how many trials
           tags: dict | None = None,  # MLflow tags of every trial's run, e.g. what started the sweep
          ) -> SweepResult:
-    "Run `settings.trials` trials of a study shared with any other workers, and write the best as a preset."
+    "Run `settings.trials` trials of a study shared with other workers; write the best as a preset."
     cfg = load_config(overrides=asdict(cfg))
-    if not cfg.data.val_size:
-        raise ConfigError('data.val_size is 0: a sweep judges its trials on held-out training images, never on the '
-                          'test split; set data.val_size, e.g. --data.val_size 5000')
-    if process_count(cfg.training) > 1:
-        raise ConfigError(f'training.devices × training.num_nodes is {process_count(cfg.training)}: a sweep trains '
-                          'each trial in one process; start more sweep workers instead')
+    _check_sweep(cfg)
     space, uri = search_space(settings.space), tracking_uri(cfg.logging.tracking_uri)
     check_tracking_server(uri)
     for split in ('train', 'test'): load_split(cfg.data.data_dir, split)
     study, created = open_study(settings)
     parent = parent_run(study, created, settings, cfg, uri)
-    trials = [run_trial(study, space, cfg, settings, parent, uri, tags) for _ in range(settings.trials)]
+    trials = [run_trial(study, space, cfg, settings, parent, uri, tags)
+              for _ in range(settings.trials)]
     preset = Path(settings.output or f'conf/best-{settings.study}.yaml')
     if best := write_best(study, settings.metric, preset):
         client = mlflow.MlflowClient(uri)
-        client.log_artifact(parent, str(preset)); client.log_metric(parent, f'best/{settings.metric}', best.value)
-        client.set_tag(parent, 'best_trial', str(best.number)); client.set_terminated(parent)
+        client.log_artifact(parent, str(preset))
+        client.log_metric(parent, f'best/{settings.metric}', best.value)
+        client.set_tag(parent, 'best_trial', str(best.number))
+        client.set_terminated(parent)
     return SweepResult(settings.study, parent, trials, best, preset if best else None)
