@@ -73,8 +73,11 @@ def main():
         runs = [project_run(args.config, seed, data_dir, Path(folder), extra) for seed in range(args.runs)]
     report['project'] = {'runs': runs, 'accuracy': statistics.mean(r['accuracy'] for r in runs),
                          'seconds': statistics.median(r['seconds'] for r in runs)}
-    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.output).write_text(json.dumps(report, indent=2) + '\n')
+    output = Path(args.output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    partial = output.with_name(output.name + '.partial')  # written whole, then renamed: never half a report
+    partial.write_text(json.dumps(report, indent=2) + '\n')
+    partial.replace(output)
     print(f'GPU: {gpu}')
     for r in runs:
         print(f'project seed {r["seed"]}: {r["accuracy"]:.4f} in {r["seconds"]:.2f} s ({r["epochs"]} epochs)')

@@ -343,7 +343,7 @@ class SweepConfig:
     space: dict  # `section.key` -> {low, high} (and log, step), or a list of choices
     # the Optuna study: every worker that names it, in the same storage, joins it
     study: str = 'cifar10-sweep'
-    # Optuna's database (default sqlite:///optuna.db); postgresql://... for many machines
+    # Optuna's database (default sqlite:///optuna.db); postgresql+psycopg://... for many machines
     storage: Optional[str] = None
     trials: PositiveInt = 10  # how many trials this worker runs
     # what judges a trial: measured on held-out training images

@@ -128,7 +128,7 @@ def open_study(settings: SweepConfig) -> tuple[optuna.Study, bool]:
         if '://' in url: url = sqlalchemy.engine.make_url(url).render_as_string(hide_password=True)
         raise UserError(f'sweep.storage {url}: cannot open it as an Optuna storage '
                         f'({str(e).splitlines()[0]}); give a database URL: sqlite:///optuna.db, '
-                        'postgresql://USER:PASSWORD@HOST/DB') from None
+                        'postgresql+psycopg://USER:PASSWORD@HOST/DB') from None
     direction = study.direction.name.lower()
     if direction != DIRECTIONS[settings.metric]:
         raise ConfigError(f'sweep.metric {settings.metric}: study {settings.study} was created to '
