@@ -13,13 +13,13 @@ import shutil
 import tempfile
 import time
 import urllib.error
-import warnings
 import urllib.request
-from importlib.util import find_spec
+import warnings
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from datetime import datetime
-from contextlib import contextmanager
 from functools import partial
+from importlib.util import find_spec
 from pathlib import Path
 
 import lightning as L
@@ -31,35 +31,35 @@ import torch
 import torch.nn.functional as F
 import yaml
 from fastcore.basics import patch
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
 from lightning.pytorch.loggers import MLFlowLogger
-from lightning.fabric.utilities.exceptions import MisconfigurationException
 from torch.distributed.elastic.multiprocessing.api import SignalException
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
 
-from .config import (Config, ConfigError, ModelDescription, TrainingConfig, UserError, config_to_yaml,
-                            flat_params, load_config)
-from .data import CLASSES, MEAN, STD, Augment, atomic_path, file_digest, load_split, normalize
+from .config import (Config, ConfigError, ModelDescription, TrainingConfig, UserError,
+                            config_to_yaml, flat_params, load_config)
+from .data import (CLASSES, MEAN, STD, Augment, atomic_path, file_digest, load_split,
+                          normalize)
 from .datamodule import CIFAR10DataModule
 from .model import FastNet, build_model, init_whitening, tta_logits
 
-# Lightning advertises its cloud logger at every run: not a message about this project's runs.
-for name in ('lightning.pytorch.utilities.rank_zero', 'pytorch_lightning.utilities.rank_zero'):
-    logging.getLogger(name).addFilter(lambda record: 'litlogger' not in str(record.msg))
-
 # %% auto #0
 __all__ = ['WHITENING_IMAGES', 'AUTOCAST_DTYPES', 'ASYNC_BUFFER_SECONDS', 'CHAMPION', 'warmup_then_decay', 'freeze_norm_scales',
-           'parameter_groups', 'sgd_with_schedule', 'Classifier', 'Lookahead', 'TrainingError', 'tracking_uri',
-           'artifact_location', 'check_tracking_server', 'readable_checkpoint', 'run_folder', 'resume_config',
-           'run_config', 'cpu_has_bf16', 'device_settings', 'process_count', 'launched_rank', 'launch_ranks',
-           'RankZeroWeights', 'TrainingRun', 'EpochTimer', 'datamodule_for', 'SteadyProgressBar', 'run_callbacks',
+           'parameter_groups', 'sgd_with_schedule', 'Classifier', 'Lookahead', 'TrainingRun', 'TrainingError',
+           'tracking_uri', 'artifact_location', 'check_tracking_server', 'readable_checkpoint', 'run_folder',
+           'resume_config', 'run_config', 'cpu_has_bf16', 'device_settings', 'process_count', 'launched_rank',
+           'launch_ranks', 'RankZeroWeights', 'EpochTimer', 'datamodule_for', 'SteadyProgressBar', 'run_callbacks',
            'build_trainer', 'start_tracking', 'prepare_folder', 'expected_warnings_silenced', 'train_and_test',
-           'tracking_to', 'fit', 'confusion_figure', 'class_accuracy', 'heldout_set', 'why_champion_stays',
-           'promote_champion', 'model_metadata', 'run_description', 'register_model', 'plot_history', 'source_tags',
-           'replacing']
+           'tracking_to', 'confusion_figure', 'class_accuracy', 'heldout_set', 'why_champion_stays', 'promote_champion',
+           'model_metadata', 'run_description', 'register_model', 'source_tags', 'fit', 'replacing', 'plot_history']
+
+# %% ../nbs/02_trainer.ipynb #eeaa92bd
+for name in ('lightning.pytorch.utilities.rank_zero', 'pytorch_lightning.utilities.rank_zero'):
+    logging.getLogger(name).addFilter(lambda record: 'litlogger' not in str(record.msg))
 
 # %% ../nbs/02_trainer.ipynb #7144f48e
 def warmup_then_decay(step: int,  # optimizer steps taken so far
@@ -70,39 +70,47 @@ def warmup_then_decay(step: int,  # optimizer steps taken so far
 
 # %% ../nbs/02_trainer.ipynb #b63dd079
 def freeze_norm_scales(net: torch.nn.Module) -> torch.nn.Module:
-    "`net` with every batch norm's scale fixed at its initial 1: only the biases of the norms learn."
-    for norm in (m for m in net.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)):
-        norm.weight.requires_grad_(False)
+    "`net` with every batch norm's scale fixed at its initial 1: only the norms' biases learn."
+    norms = (m for m in net.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm))
+    for norm in norms: norm.weight.requires_grad_(False)
     return net
 
 # %% ../nbs/02_trainer.ipynb #84ee298c
 def parameter_groups(net: torch.nn.Module, settings: TrainingConfig,
                      batch_size: int) -> list[dict]:  # images per optimizer step
-    "SGD parameter groups of `net`'s trainable parameters in the decoupled form: the weights, the norms' biases."
-    step = batch_size / 1024 / (1 + 1 / (1 - settings.momentum))  # of lr: momentum's amplification divided out
-    decay = settings.weight_decay * step  # of each weight, per step
+    "SGD parameter groups of `net`'s trainable parameters, decoupled: weights, norms' biases."
+    # the step of lr: per 1024 images, momentum's amplification divided out
+    step = batch_size / 1024 / (1 + 1 / (1 - settings.momentum))
+    # the decay of each weight, per step
+    decay = settings.weight_decay * step
     norms = [m for m in net.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
     in_norms = {id(p) for m in norms for p in m.parameters()}
     trainable = [p for p in net.parameters() if p.requires_grad]
-    groups = [('weights', [p for p in trainable if id(p) not in in_norms], settings.lr * step),
-              ('norm_biases', [p for p in trainable if id(p) in in_norms], settings.lr * step * settings.bias_lr_scale)]
+    weights = [p for p in trainable if id(p) not in in_norms]
+    biases = [p for p in trainable if id(p) in in_norms]
+    groups = [('weights', weights, settings.lr * step),
+              ('norm_biases', biases, settings.lr * step * settings.bias_lr_scale)]
     # torch's SGD decays by lr × weight_decay: divided by lr, the decay does not depend on it
-    return [{'name': name, 'params': params, 'lr': lr, 'weight_decay': decay / lr} for name, params, lr in groups]
+    return [{'name': name, 'params': params, 'lr': lr, 'weight_decay': decay / lr}
+            for name, params, lr in groups]
 
-def sgd_with_schedule(net: torch.nn.Module, settings: TrainingConfig, total_steps: int, batch_size: int = 1024):
-    "SGD (Nesterov) over `net`'s `parameter_groups`, and its warm-up/decay schedule over `total_steps`."
-    optimizer = torch.optim.SGD(parameter_groups(net, settings, batch_size), momentum=settings.momentum,
-                                nesterov=settings.momentum > 0)
+# %% ../nbs/02_trainer.ipynb #eb622f98
+def sgd_with_schedule(net: torch.nn.Module, settings: TrainingConfig, total_steps: int,
+                      batch_size: int = 1024):
+    "SGD (Nesterov) over `net`'s `parameter_groups`, and its warm-up/decay over `total_steps`."
+    groups = parameter_groups(net, settings, batch_size)
+    optimizer = torch.optim.SGD(groups, momentum=settings.momentum, nesterov=settings.momentum > 0)
     warmup = round(total_steps * settings.warmup_epochs / settings.max_epochs)
     factor = partial(warmup_then_decay, total_steps=total_steps, warmup_steps=warmup)
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 # %% ../nbs/02_trainer.ipynb #9d88e264
 class Classifier(L.LightningModule):
-    "A network of the model chapter, trained with label-smoothed cross-entropy and SGD, evaluated by accuracy."
+    "A network trained with label-smoothed cross-entropy and SGD, evaluated by accuracy."
     def __init__(self, model: dict,  # `ModelConfig` fields: arch, width
                  training: dict,  # `TrainingConfig` fields
-                 classes=CLASSES, mean=MEAN, std=STD):  # what the outputs mean and how inputs are normalized
+                 classes=CLASSES,  # what the outputs mean
+                 mean=MEAN, std=STD):  # how inputs are normalized
         super().__init__()
         # into every checkpoint; MLflow gets the flat config instead
         self.save_hyperparameters(logger=False)
@@ -114,7 +122,8 @@ class Classifier(L.LightningModule):
         self.val_accuracy, self.test_accuracy = accuracy(), accuracy()
         self.val_loss, self.test_loss = MeanMetric(), MeanMetric()
         self.test_confusion = MulticlassConfusionMatrix(len(classes))
-        self.confusion = None  # the last test's confusion matrix
+        # the last test's confusion matrix
+        self.confusion = None
 
     def forward(self, images): return self.net(images)
 
@@ -133,13 +142,15 @@ class Classifier(L.LightningModule):
 def training_step(self: Classifier, batch, batch_idx):
     images, labels = batch
     loss = F.cross_entropy(self.net(images), labels, label_smoothing=self.settings.label_smoothing)
-    # only on the steps Lightning writes to the logger, and all in one record: each record costs the tracking
-    # store a write, and the bookkeeping of a value not written would cost every step
+    # only on the steps Lightning writes to the logger, and all in one record: each record costs
+    # the tracking store a write, and the bookkeeping of a value not written would cost every step
     if (self.global_step + 1) % self.trainer.log_every_n_steps == 0:
-        rates = {f'lr/{group["name"]}': group['lr'] for group in self.optimizers().optimizer.param_groups}
+        groups = self.optimizers().optimizer.param_groups
+        rates = {f'lr/{group["name"]}': group['lr'] for group in groups}
         self.log_dict({'train/loss': loss, **rates})
     return loss
 
+# %% ../nbs/02_trainer.ipynb #eeb1c51f
 @patch
 def _evaluate(self: Classifier, batch, accuracy, loss):
     images, labels = batch
@@ -165,24 +176,27 @@ def on_test_epoch_end(self: Classifier):
     self.test_confusion.reset()
 
 # %% ../nbs/02_trainer.ipynb #f4ae382d
-WHITENING_IMAGES = 5000  # training images the whitening filters are computed from
+# training images the whitening filters are computed from
+WHITENING_IMAGES = 5000
 
 @patch
 def setup(self: Classifier, stage: str):
     "When training starts, set a FastNet's whitening filters from the run's own training images."
-    if stage != 'fit' or not isinstance(self.net, FastNet) or self.trainer.datamodule is None: return
+    if stage != 'fit' or not isinstance(self.net, FastNet) or self.trainer.datamodule is None:
+        return
     images = self.trainer.datamodule.train_dataloader().images[:WHITENING_IMAGES]
     init_whitening(self.net.stem, normalize(images, self.hparams.mean, self.hparams.std))
 
+# %% ../nbs/02_trainer.ipynb #63fff936
 @patch
 def on_before_optimizer_step(self: Classifier, optimizer):
-    "After `whiten_bias_epochs`, drop the whitening biases' gradient: SGD leaves a parameter without one be."
+    "After `whiten_bias_epochs`, drop the whitening biases' gradient: SGD leaves them as they are."
     if isinstance(self.net, FastNet) and self.current_epoch >= self.settings.whiten_bias_epochs:
         self.net.stem.bias.grad = None
 
 # %% ../nbs/02_trainer.ipynb #0c05f0f7
 class Lookahead(L.Callback):
-    "Every `every` steps, move an average of the net's weights towards them, then put the average in the net."
+    "Every `every` steps, move an average of the weights towards them, then put it in the net."
     def __init__(self, every: int = 5,  # optimizer steps between pulls
                  decay: float = 0.95,  # the average's decay per step at the end of the run
                  power: float = 3):  # how the decay grows over the run: (step / total) ** power
@@ -190,7 +204,7 @@ class Lookahead(L.Callback):
 
     @staticmethod
     def tensors(net: torch.nn.Module) -> list[torch.Tensor]:
-        "The weights and float buffers (batch norm statistics) of `net`, as views that write into it."
+        "The weights and float buffers (batch norm statistics) of `net`, as views into it."
         return [o for o in net.state_dict(keep_vars=True).values() if o.is_floating_point()]
 
     def pull(self, net: torch.nn.Module, decay: float):
@@ -208,146 +222,13 @@ class Lookahead(L.Callback):
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
         step, total = trainer.global_step, trainer.estimated_stepping_batches
-        if step % self.every == 0: self.pull(module.net, self.decay ** self.every * (step / total) ** self.power)
+        if step % self.every == 0:
+            self.pull(module.net, self.decay ** self.every * (step / total) ** self.power)
         # the run ends on the average
         if step == total: self.pull(module.net, 1.0)
 
     def state_dict(self): return {'average': self.average}
     def load_state_dict(self, state): self.average = state['average']
-
-# %% ../nbs/02_trainer.ipynb #1f06ec6e
-class TrainingError(UserError):
-    "A run that cannot start or resume; the message says why and what to do."
-
-def tracking_uri(configured: str | None) -> str:
-    "The MLflow tracking URI: `configured`, else `$MLFLOW_TRACKING_URI`, else a SQLite store in `mlflow.db`."
-    return configured or os.environ.get('MLFLOW_TRACKING_URI') or 'sqlite:///mlflow.db'
-
-def artifact_location(uri: str) -> str | None:
-    "Where a new experiment keeps its artifacts: `mlartifacts/` beside a SQLite store; a server decides for itself."
-    if not uri.startswith('sqlite:///'): return None
-    return (Path(uri.removeprefix('sqlite:///')).resolve().parent/'mlartifacts').as_uri()
-
-def check_tracking_server(uri: str, timeout: float = 5):
-    "Raise a `TrainingError` if `uri` is an MLflow server that does not answer its health check."
-    if not uri.startswith(('http://', 'https://')): return
-    try:
-        with urllib.request.urlopen(f'{uri.rstrip("/")}/health', timeout=timeout) as response: response.read()
-    except (urllib.error.URLError, OSError) as e:
-        raise TrainingError(f'the MLflow tracking server at {uri} does not answer ({getattr(e, "reason", e)}); '
-                            'start it (make mlflow) or set logging.tracking_uri / MLFLOW_TRACKING_URI to one that runs'
-                            ) from None
-
-# %% ../nbs/02_trainer.ipynb #8ca8d528
-def readable_checkpoint(path: Path) -> Path:
-    "`path`, if it reads as a checkpoint; else a `TrainingError` that says it is damaged and what to do."
-    try: torch.load(path, map_location='cpu', weights_only=True, mmap=True)  # mapped: nothing big is read
-    except Exception as e:
-        best = path.with_name('best.ckpt')
-        remedy = (f'resume from the best epoch instead (cp {best} {path}), or ' if best.is_file() else '') + \
-            f'start a new run (another logging.run_name, or delete {path.parent})'
-        raise TrainingError(f'{path}: damaged, it cannot be read as a checkpoint '
-                            f'({str(e).splitlines()[0].split(". ")[0]}); {remedy}') from None
-    return path
-
-def run_folder(cfg: Config, resume: bool,
-               rank_zero: bool = True,  # False on the other ranks of a run: they may find the folder rank 0 made
-              ) -> Path:
-    "The run's checkpoint folder: new for a new run, holding `last.ckpt` for one to resume."
-    folder = Path(cfg.training.models_dir)/cfg.logging.run_name
-    if resume and not (folder/'last.ckpt').is_file():
-        raise TrainingError(f'{folder}/last.ckpt: no checkpoint to resume from; runs that have one: '
-                            f'{", ".join(p.parent.name for p in sorted(folder.parent.glob("*/last.ckpt"))) or "none"}')
-    if resume: readable_checkpoint(folder/'last.ckpt')
-    if not resume and rank_zero and folder.exists():
-        raise TrainingError(f'{folder} already exists: resume it (--resume {cfg.logging.run_name}) or choose another '
-                            'logging.run_name')
-    return folder
-
-def resume_config(run: str | Path, models_dir: str | Path = 'models') -> Config:
-    "The saved configuration of the run called `run` (a name in `models_dir`, or its folder)."
-    folder = Path(run) if Path(run).is_dir() else Path(models_dir)/run
-    if not (folder/'config.yaml').is_file():
-        raise TrainingError(f'{folder}/config.yaml: no saved run there; give a run name in {models_dir}/ or its folder')
-    cfg = load_config(folder/'config.yaml')
-    cfg.training.models_dir, cfg.logging.run_name = str(folder.parent), folder.name  # the run is where it is now
-    return cfg
-
-def run_config(resume: str | Path | None, cfg: Config) -> Config:
-    "`cfg` for a new run; for `resume`, the configuration that run saved (`cfg` must then be the defaults)."
-    if not resume: return cfg
-    if cfg != Config(): raise ConfigError('resuming continues a run with the configuration it saved; '
-                                          'give no other settings')
-    return resume_config(resume)
-
-# %% ../nbs/02_trainer.ipynb #15aa72f6
-def cpu_has_bf16() -> bool:
-    "Whether this CPU computes in bf16 natively (AMX or AVX-512 BF16)."
-    probes = ('_is_amx_tile_supported', '_is_avx512_bf16_supported')  # torch.cpu's own probes, where it has them
-    return any(getattr(torch.cpu, probe, lambda: False)() for probe in probes)
-
-def device_settings(settings: TrainingConfig) -> tuple[str, str, bool]:
-    "Lightning accelerator, precision and channels-last for `settings`, with `auto` resolved for this machine."
-    gpu = torch.cuda.is_available() and settings.accelerator in ('auto', 'gpu', 'cuda')
-    accelerator = 'gpu' if gpu else ('cpu' if settings.accelerator == 'auto' else settings.accelerator)
-    precision = settings.precision
-    if precision == 'auto':
-        fast_bf16 = torch.cuda.is_bf16_supported() if gpu else cpu_has_bf16()
-        precision = 'bf16-mixed' if fast_bf16 else '32-true'
-    channels_last = precision == 'bf16-mixed' if settings.channels_last is None else settings.channels_last
-    return accelerator, precision, channels_last
-
-# %% ../nbs/02_trainer.ipynb #b2d44bd9
-def process_count(settings: TrainingConfig) -> int:
-    "How many processes a run of `settings` has: `devices` on each of `num_nodes` machines."
-    return settings.devices * settings.num_nodes
-
-def launched_rank(settings: TrainingConfig) -> int | None:
-    "This process's rank if a launcher (`torchrun`, `srun`, `fit` itself) started it for a run; else `None`."
-    if 'WORLD_SIZE' in os.environ: started, rank = int(os.environ['WORLD_SIZE']), int(os.environ['RANK'])  # torchrun
-    elif int(os.environ.get('SLURM_NTASKS', 1)) > 1:
-        started, rank = int(os.environ['SLURM_NTASKS']), int(os.environ['SLURM_PROCID'])  # srun
-    elif settings.num_nodes > 1:
-        raise TrainingError(f'training.num_nodes is {settings.num_nodes}: start the run on every machine with '
-                            'torchrun or srun (see the README)')
-    else: return None
-    if started != process_count(settings):
-        raise TrainingError(f'{started} processes were started, but training.devices × training.num_nodes is '
-                            f'{process_count(settings)}: start `devices` processes on each of `num_nodes` machines '
-                            '(torchrun --nproc-per-node and --nnodes, or srun --ntasks-per-node and --nodes)')
-    return rank
-
-# %% ../nbs/02_trainer.ipynb #cee11c50
-def _fit_rank(cfg: Config, resume: bool, callbacks: list, tags: dict | None, errors: str):
-    "One process of `launch_ranks`: `fit` on its share of the CPU; a user error also goes to `errors` for the launcher."
-    torch.set_num_threads(max(1, torch.get_num_threads() // int(os.environ['LOCAL_WORLD_SIZE'])))
-    try: return fit(cfg, resume, callbacks, tags)
-    except UserError as e:
-        with atomic_path(Path(errors)/f'{os.environ["RANK"]}.pickle') as tmp: tmp.write_bytes(pickle.dumps(e))
-        raise
-
-def launch_ranks(cfg: Config, resume: bool = False, callbacks: list = (), tags: dict | None = None) -> TrainingRun:
-    "`fit(cfg, ...)` in `training.devices` processes on this machine, started as `torchrun` does; rank 0's result."
-    launch = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=cfg.training.devices, run_id=cfg.logging.run_name,
-                          rdzv_backend='c10d', rdzv_endpoint='127.0.0.1:0', max_restarts=0, local_addr='127.0.0.1')
-    with tempfile.TemporaryDirectory(prefix='cifar10-ranks-') as errors:
-        try: return elastic_launch(launch, _fit_rank)(cfg, resume, list(callbacks), tags, errors)[0]
-        except ChildFailedError as e:
-            if reports := sorted(Path(errors).glob('*.pickle'), key=lambda p: int(p.stem)):
-                raise pickle.loads(reports[0].read_bytes()) from None
-            rank, failure = e.get_first_failure()
-            raise TrainingError(f'training process {rank} of {cfg.training.devices} failed (exit code '
-                                f'{failure.exitcode}); its error is printed above') from None
-        except SignalException:  # Ctrl-C (or a kill): the launcher has stopped the processes, as if interrupted
-            raise KeyboardInterrupt from None
-
-# %% ../nbs/02_trainer.ipynb #98771e5f
-class RankZeroWeights(L.Callback):
-    "Before testing, give every rank rank 0's weights and buffers: the test measures the model that rank 0 saved."
-    def on_test_start(self, trainer, module):
-        if trainer.world_size == 1: return
-        state = trainer.strategy.broadcast({k: v.cpu() for k, v in module.state_dict().items()})  # from rank 0
-        module.load_state_dict(state)
 
 # %% ../nbs/02_trainer.ipynb #712db400
 @dataclass
@@ -363,29 +244,204 @@ class TrainingRun:
     epoch_seconds: list  # wall time of each epoch trained by this call, validation included
     champion: str  # what happened to the registry's `champion` alias, in one line
 
+# %% ../nbs/02_trainer.ipynb #1f06ec6e
+class TrainingError(UserError):
+    "A run that cannot start or resume; the message says why and what to do."
+
+# %% ../nbs/02_trainer.ipynb #5e708f85
+def tracking_uri(configured: str | None) -> str:
+    "The MLflow tracking URI: `configured`, else `$MLFLOW_TRACKING_URI`, else `mlflow.db`."
+    return configured or os.environ.get('MLFLOW_TRACKING_URI') or 'sqlite:///mlflow.db'
+
+# %% ../nbs/02_trainer.ipynb #b3f84564
+def artifact_location(uri: str) -> str | None:
+    "Where a new experiment keeps its artifacts: `mlartifacts/` beside a SQLite store, else `None`."
+    if not uri.startswith('sqlite:///'): return None
+    return (Path(uri.removeprefix('sqlite:///')).resolve().parent/'mlartifacts').as_uri()
+
+# %% ../nbs/02_trainer.ipynb #b7458a1f
+def check_tracking_server(uri: str, timeout: float = 5):
+    "Raise a `TrainingError` if `uri` is an MLflow server that does not answer its health check."
+    if not uri.startswith(('http://', 'https://')): return
+    try:
+        with urllib.request.urlopen(f'{uri.rstrip("/")}/health', timeout=timeout) as response:
+            response.read()
+    except (urllib.error.URLError, OSError) as e:
+        reason = getattr(e, 'reason', e)
+        raise TrainingError(f'the MLflow tracking server at {uri} does not answer ({reason}); '
+                            'start it (make mlflow) or set logging.tracking_uri / '
+                            'MLFLOW_TRACKING_URI to one that runs') from None
+
+# %% ../nbs/02_trainer.ipynb #8ca8d528
+def readable_checkpoint(path: Path) -> Path:
+    "`path`, if it reads as a checkpoint; else a `TrainingError`: it is damaged, and what to do."
+    try:
+        # mapped: nothing big is read
+        torch.load(path, map_location='cpu', weights_only=True, mmap=True)
+    except Exception as e:
+        best = path.with_name('best.ckpt')
+        instead = ''
+        if best.is_file(): instead = f'resume from the best epoch instead (cp {best} {path}), or '
+        remedy = instead + f'start a new run (another logging.run_name, or delete {path.parent})'
+        cause = str(e).splitlines()[0].split('. ')[0]
+        raise TrainingError(f'{path}: damaged, it cannot be read as a checkpoint ({cause}); '
+                            f'{remedy}') from None
+    return path
+
+# %% ../nbs/02_trainer.ipynb #a8b065ba
+def run_folder(cfg: Config, resume: bool,
+               rank_zero: bool = True,  # False on a run's other ranks: rank 0 may have made it
+              ) -> Path:
+    "The run's checkpoint folder: new for a new run, holding `last.ckpt` for one to resume."
+    folder = Path(cfg.training.models_dir)/cfg.logging.run_name
+    if resume and not (folder/'last.ckpt').is_file():
+        runs = ', '.join(p.parent.name for p in sorted(folder.parent.glob('*/last.ckpt'))) or 'none'
+        raise TrainingError(f'{folder}/last.ckpt: no checkpoint to resume from; '
+                            f'runs that have one: {runs}')
+    if resume: readable_checkpoint(folder/'last.ckpt')
+    if not resume and rank_zero and folder.exists():
+        raise TrainingError(f'{folder} already exists: resume it (--resume {cfg.logging.run_name}) '
+                            'or choose another logging.run_name')
+    return folder
+
+# %% ../nbs/02_trainer.ipynb #523214cb
+def resume_config(run: str | Path, models_dir: str | Path = 'models') -> Config:
+    "The saved configuration of the run called `run` (a name in `models_dir`, or its folder)."
+    folder = Path(run) if Path(run).is_dir() else Path(models_dir)/run
+    if not (folder/'config.yaml').is_file():
+        raise TrainingError(f'{folder}/config.yaml: no saved run there; '
+                            f'give a run name in {models_dir}/ or its folder')
+    cfg = load_config(folder/'config.yaml')
+    # the run is where it is now
+    cfg.training.models_dir, cfg.logging.run_name = str(folder.parent), folder.name
+    return cfg
+
+# %% ../nbs/02_trainer.ipynb #a9466052
+def run_config(resume: str | Path | None, cfg: Config) -> Config:
+    "`cfg` for a new run; for `resume`, the configuration it saved (`cfg` must be the defaults)."
+    if not resume: return cfg
+    if cfg != Config():
+        raise ConfigError('resuming continues a run with the configuration it saved; '
+                          'give no other settings')
+    return resume_config(resume)
+
+# %% ../nbs/02_trainer.ipynb #15aa72f6
+def cpu_has_bf16() -> bool:
+    "Whether this CPU computes in bf16 natively (AMX or AVX-512 BF16)."
+    # torch.cpu's own probes, where it has them
+    probes = ('_is_amx_tile_supported', '_is_avx512_bf16_supported')
+    return any(getattr(torch.cpu, probe, lambda: False)() for probe in probes)
+
+# %% ../nbs/02_trainer.ipynb #3cd400ec
+def device_settings(settings: TrainingConfig) -> tuple[str, str, bool]:
+    "Accelerator, precision and channels-last of `settings`, with `auto` resolved for this machine."
+    gpu = torch.cuda.is_available() and settings.accelerator in ('auto', 'gpu', 'cuda')
+    accelerator = settings.accelerator
+    if gpu: accelerator = 'gpu'
+    elif accelerator == 'auto': accelerator = 'cpu'
+    precision = settings.precision
+    if precision == 'auto':
+        fast_bf16 = torch.cuda.is_bf16_supported() if gpu else cpu_has_bf16()
+        precision = 'bf16-mixed' if fast_bf16 else '32-true'
+    channels_last = settings.channels_last
+    if channels_last is None: channels_last = precision == 'bf16-mixed'
+    return accelerator, precision, channels_last
+
+# %% ../nbs/02_trainer.ipynb #b2d44bd9
+def process_count(settings: TrainingConfig) -> int:
+    "How many processes a run of `settings` has: `devices` on each of `num_nodes` machines."
+    return settings.devices * settings.num_nodes
+
+# %% ../nbs/02_trainer.ipynb #4dcf5dc9
+def launched_rank(settings: TrainingConfig) -> int | None:
+    "This process's rank if a launcher (`torchrun`, `srun`, `fit`) started it; else `None`."
+    if 'WORLD_SIZE' in os.environ:
+        # started by torchrun
+        started, rank = int(os.environ['WORLD_SIZE']), int(os.environ['RANK'])
+    elif int(os.environ.get('SLURM_NTASKS', 1)) > 1:
+        # started by srun
+        started, rank = int(os.environ['SLURM_NTASKS']), int(os.environ['SLURM_PROCID'])
+    elif settings.num_nodes > 1:
+        raise TrainingError(f'training.num_nodes is {settings.num_nodes}: start the run on every '
+                            'machine with torchrun or srun (see the README)')
+    else: return None
+    if started != process_count(settings):
+        raise TrainingError(f'{started} processes were started, but training.devices × '
+                            f'training.num_nodes is {process_count(settings)}: start `devices` '
+                            'processes on each of `num_nodes` machines (torchrun --nproc-per-node '
+                            'and --nnodes, or srun --ntasks-per-node and --nodes)')
+    return rank
+
+# %% ../nbs/02_trainer.ipynb #cee11c50
+def _fit_rank(cfg: Config, resume: bool, callbacks: list, tags: dict | None, errors: str):
+    "A process of `launch_ranks`: `fit` on its share of the CPU; user errors also go to `errors`."
+    share = torch.get_num_threads() // int(os.environ['LOCAL_WORLD_SIZE'])
+    torch.set_num_threads(max(1, share))
+    try: return fit(cfg, resume, callbacks, tags)
+    except UserError as e:
+        report = Path(errors)/f'{os.environ["RANK"]}.pickle'
+        with atomic_path(report) as tmp: tmp.write_bytes(pickle.dumps(e))
+        raise
+
+# %% ../nbs/02_trainer.ipynb #5372fb2f
+def launch_ranks(cfg: Config, resume: bool = False, callbacks: list = (),
+                 tags: dict | None = None) -> TrainingRun:
+    "`fit` in `training.devices` processes here, started as `torchrun` does; rank 0's result."
+    launch = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=cfg.training.devices,
+                          run_id=cfg.logging.run_name, rdzv_backend='c10d',
+                          rdzv_endpoint='127.0.0.1:0', max_restarts=0, local_addr='127.0.0.1')
+    with tempfile.TemporaryDirectory(prefix='cifar10-ranks-') as errors:
+        ranks = elastic_launch(launch, _fit_rank)
+        try: return ranks(cfg, resume, list(callbacks), tags, errors)[0]
+        except ChildFailedError as e:
+            if reports := sorted(Path(errors).glob('*.pickle'), key=lambda p: int(p.stem)):
+                raise pickle.loads(reports[0].read_bytes()) from None
+            rank, failure = e.get_first_failure()
+            raise TrainingError(f'training process {rank} of {cfg.training.devices} failed '
+                                f'(exit code {failure.exitcode}); its error is printed above'
+                                ) from None
+        except SignalException:
+            # Ctrl-C (or a kill): the launcher has stopped the processes, as if interrupted
+            raise KeyboardInterrupt from None
+
+# %% ../nbs/02_trainer.ipynb #98771e5f
+class RankZeroWeights(L.Callback):
+    "Before testing, give every rank rank 0's weights and buffers: the test measures rank 0's."
+    def on_test_start(self, trainer, module):
+        if trainer.world_size == 1: return
+        # from rank 0
+        state = trainer.strategy.broadcast({k: v.cpu() for k, v in module.state_dict().items()})
+        module.load_state_dict(state)
+
 # %% ../nbs/02_trainer.ipynb #79d5179f
 class EpochTimer(L.Callback):
     "Log each training epoch's wall time (its validation included) as `time/epoch_seconds`."
     def __init__(self): self.seconds = []
     def on_train_epoch_start(self, trainer, module): self.start = time.perf_counter()
-    def on_train_epoch_end(self, trainer, module):  # after the epoch's validation, whose metrics wait for the device
+
+    # after the epoch's validation, whose metrics wait for the device
+    def on_train_epoch_end(self, trainer, module):
         self.seconds.append(time.perf_counter() - self.start)
         if trainer.logger:
-            trainer.logger.log_metrics({'time/epoch_seconds': self.seconds[-1]}, step=trainer.global_step)
+            seconds = {'time/epoch_seconds': self.seconds[-1]}
+            trainer.logger.log_metrics(seconds, step=trainer.global_step)
 
 # %% ../nbs/02_trainer.ipynb #d6949bf5
-AUTOCAST_DTYPES = {'bf16-mixed': torch.bfloat16, '16-mixed': torch.float16}  # what a mixed precision computes in
+# what a mixed precision computes in
+AUTOCAST_DTYPES = {'bf16-mixed': torch.bfloat16, '16-mixed': torch.float16}
 
 def datamodule_for(cfg: Config, precision: str, channels_last: bool) -> CIFAR10DataModule:
     "The data module `cfg` describes, its batches in the dtype and layout the run computes in."
     d = cfg.data
     dtype = AUTOCAST_DTYPES.get(precision, torch.float32)
     return CIFAR10DataModule(d.data_dir, d.batch_size, d.eval_batch_size, d.val_size, d.subset,
-                             Augment(d.translate, d.flip, d.cutout), dtype, channels_last, cfg.training.seed)
+                             Augment(d.translate, d.flip, d.cutout), dtype, channels_last,
+                             cfg.training.seed)
 
 # %% ../nbs/02_trainer.ipynb #611c1b9e
 class SteadyProgressBar(RichProgressBar):
-    "Lightning's rich progress bar, redrawn during training at most every `interval` seconds (and at each epoch's end)."
+    """Lightning's rich progress bar, redrawn during training at most every `interval` seconds
+    (and at each epoch's end)."""
     def __init__(self, interval: float = 0.5):
         super().__init__()
         self.interval, self.drawn, self.redraws = interval, -math.inf, 0
@@ -400,46 +456,56 @@ class SteadyProgressBar(RichProgressBar):
 def run_callbacks(cfg: Config, folder: Path,
                   ) -> list[L.Callback]:
     "The callbacks of a run of `cfg` that checkpoints into `folder`."
-    last = ModelCheckpoint(folder, 'last', enable_version_counter=False, save_on_train_epoch_end=True)
+    last = ModelCheckpoint(folder, 'last', enable_version_counter=False,
+                           save_on_train_epoch_end=True)
     callbacks = [last, EpochTimer(), RankZeroWeights()]
     if cfg.data.val_size:
-        callbacks.append(ModelCheckpoint(folder, 'best', monitor='val/acc', mode='max', enable_version_counter=False,
-                                         save_on_train_epoch_end=False))
+        best = ModelCheckpoint(folder, 'best', monitor='val/acc', mode='max',
+                               enable_version_counter=False, save_on_train_epoch_end=False)
+        callbacks.append(best)
     if cfg.training.lookahead_every: callbacks.append(Lookahead(cfg.training.lookahead_every))
     if cfg.logging.progress_bar and find_spec('rich'): callbacks.append(SteadyProgressBar())
     return callbacks
 
+# %% ../nbs/02_trainer.ipynb #0b9822ef
 def build_trainer(cfg: Config, logger, callbacks: list, folder: Path | None = None) -> L.Trainer:
-    "The Lightning `Trainer` of a run of `cfg`: device, precision, processes, logging and validation schedule."
+    "The Lightning `Trainer` of a run of `cfg`: device, precision, processes, logging, validation."
     t = cfg.training
     accelerator, precision, _ = device_settings(t)
     try:
-        return L.Trainer(max_epochs=t.max_epochs, accelerator=accelerator, precision=precision, devices=t.devices,
-                         num_nodes=t.num_nodes, strategy=t.strategy, logger=logger, callbacks=callbacks,
-                         log_every_n_steps=cfg.logging.log_every_n_steps, enable_progress_bar=cfg.logging.progress_bar,
-                         enable_model_summary=False, num_sanity_val_steps=0, benchmark=accelerator == 'gpu',
-                         default_root_dir=folder, limit_val_batches=None if cfg.data.val_size else 0,
+        return L.Trainer(max_epochs=t.max_epochs, accelerator=accelerator, precision=precision,
+                         devices=t.devices, num_nodes=t.num_nodes, strategy=t.strategy,
+                         logger=logger, callbacks=callbacks,
+                         log_every_n_steps=cfg.logging.log_every_n_steps,
+                         enable_progress_bar=cfg.logging.progress_bar, enable_model_summary=False,
+                         num_sanity_val_steps=0, benchmark=accelerator == 'gpu',
+                         default_root_dir=folder,
+                         limit_val_batches=None if cfg.data.val_size else 0,
                          check_val_every_n_epoch=t.val_every_n_epochs or t.max_epochs)
     except MisconfigurationException as e:
         # e.g. a GPU asked for where there is none: nothing written yet
         raise TrainingError(f'training.accelerator {t.accelerator}: {e}') from None
 
 # %% ../nbs/02_trainer.ipynb #189b7a73
-def start_tracking(cfg: Config, uri: str, folder: Path, resume: bool, tags: dict | None = None) -> MLFlowLogger:
+def start_tracking(cfg: Config, uri: str, folder: Path, resume: bool,
+                   tags: dict | None = None) -> MLFlowLogger:
     "The logger of the run: a new MLflow run, or the one that the run in `folder` reported to."
     run_id = yaml.safe_load((folder/'run.yaml').read_text())['run_id'] if resume else None
-    # the logger starts the MLflow run when first used; it logs from a thread of its own (a synchronous write of
-    # a step's metrics to a SQLite store costs more than a small model's step), flushed when a stage ends
+    # the logger starts the MLflow run when first used; it logs from a thread of its own (a
+    # synchronous write of a step's metrics to a SQLite store costs more than a small model's
+    # step), flushed when a stage ends
     return MLFlowLogger(cfg.logging.experiment, cfg.logging.run_name, uri, run_id=run_id, tags=tags,
                         artifact_location=artifact_location(uri), synchronous=False)
 
+# %% ../nbs/02_trainer.ipynb #f215f12f
 def prepare_folder(cfg: Config, folder: Path, logger: MLFlowLogger, resume: bool):
-    "Create the run's folder; for a new run, save its configuration and MLflow run, and log its parameters."
+    "Create the run's folder; for a new run, save its config and MLflow run, log its parameters."
     folder.mkdir(parents=True, exist_ok=True)
     # a resumed run keeps its MLflow run and the parameters logged there
     if resume: return
     with atomic_path(folder/'config.yaml') as tmp: tmp.write_text(config_to_yaml(cfg))
-    with atomic_path(folder/'run.yaml') as tmp: tmp.write_text(yaml.safe_dump({'run_id': logger.run_id}))
+    run = yaml.safe_dump({'run_id': logger.run_id})
+    with atomic_path(folder/'run.yaml') as tmp: tmp.write_text(run)
     logger.log_hyperparams(flat_params(cfg))
 
 # %% ../nbs/02_trainer.ipynb #30f8d01d
@@ -452,16 +518,20 @@ def expected_warnings_silenced():
         # Lightning 2.6 on a newer torch
         warnings.filterwarnings('ignore', message='.*isinstance.treespec, LeafSpec')
         # with several ranks, the test metrics come from torchmetrics, which already aggregates them
-        warnings.filterwarnings('ignore', message='.*when logging on epoch level in distributed setting')
+        distributed = '.*when logging on epoch level in distributed setting'
+        warnings.filterwarnings('ignore', message=distributed)
         yield
 
-def train_and_test(trainer: L.Trainer, module: Classifier, datamodule: CIFAR10DataModule, folder: Path,
-                   resume: bool, rank_zero: bool = True) -> dict:
-    "Train `module` (continuing `folder`'s last checkpoint if `resume`), then test it; the test metrics."
+# %% ../nbs/02_trainer.ipynb #445f0182
+def train_and_test(trainer: L.Trainer, module: Classifier, datamodule: CIFAR10DataModule,
+                   folder: Path, resume: bool, rank_zero: bool = True) -> dict:
+    "Train `module` (from `folder`'s last checkpoint if `resume`), then test it: the test metrics."
     with expected_warnings_silenced():
-        try: trainer.fit(module, datamodule=datamodule, ckpt_path=folder/'last.ckpt' if resume else None)
+        checkpoint = folder/'last.ckpt' if resume else None
+        try: trainer.fit(module, datamodule=datamodule, ckpt_path=checkpoint)
         except BaseException:
-            if rank_zero and not (folder/'last.ckpt').exists(): shutil.rmtree(folder, ignore_errors=True)
+            if rank_zero and not (folder/'last.ckpt').exists():
+                shutil.rmtree(folder, ignore_errors=True)
             raise
         finally: mlflow.flush_async_logging()
         metrics = trainer.test(module, datamodule=datamodule, verbose=False)[0]
@@ -469,42 +539,153 @@ def train_and_test(trainer: L.Trainer, module: Classifier, datamodule: CIFAR10Da
         return {k: float(v) for k, v in metrics.items()}
 
 # %% ../nbs/02_trainer.ipynb #f6ed6b0b
-ASYNC_BUFFER_SECONDS = '2'  # how long MLflow's logging thread gathers a run's metrics before it writes them
+# how long MLflow's logging thread gathers a run's metrics before it writes them
+ASYNC_BUFFER_SECONDS = '2'
 
 @contextmanager
 def tracking_to(uri: str):
-    "MLflow's global tracking URI set to `uri` inside the block only, and its asynchronous logging buffered."
-    before = {k: os.environ.get(k) for k in ('MLFLOW_TRACKING_URI', 'MLFLOW_ASYNC_LOGGING_BUFFERING_SECONDS')}
+    "MLflow's tracking URI set to `uri` in the block only, its asynchronous logging buffered."
+    buffering = 'MLFLOW_ASYNC_LOGGING_BUFFERING_SECONDS'
+    before = {k: os.environ.get(k) for k in ('MLFLOW_TRACKING_URI', buffering)}
     mlflow.set_tracking_uri(uri)
-    os.environ['MLFLOW_ASYNC_LOGGING_BUFFERING_SECONDS'] = ASYNC_BUFFER_SECONDS
+    os.environ[buffering] = ASYNC_BUFFER_SECONDS
     try: yield
     finally:
         # MLflow also exports the URI to subprocesses
         mlflow.set_tracking_uri(before['MLFLOW_TRACKING_URI'])
-        if before['MLFLOW_ASYNC_LOGGING_BUFFERING_SECONDS'] is None:
-            os.environ.pop('MLFLOW_ASYNC_LOGGING_BUFFERING_SECONDS')
-        else: os.environ['MLFLOW_ASYNC_LOGGING_BUFFERING_SECONDS'] = before['MLFLOW_ASYNC_LOGGING_BUFFERING_SECONDS']
+        if before[buffering] is None: os.environ.pop(buffering)
+        else: os.environ[buffering] = before[buffering]
 
-def fit(cfg: Config,  # the run's configuration; `logging.run_name` names a run to resume
-        resume: bool = False,  # continue `models/<run_name>/last.ckpt` and its MLflow run
-        callbacks: list = (),  # more Lightning callbacks, e.g. a sweep's pruning
-        tags: dict | None = None,  # MLflow tags of a new run, e.g. the parent run of a sweep's trials
-       ) -> TrainingRun | None:
-    "Train, test and register a model as `cfg` says, tracking the run in MLflow; `None` on ranks other than 0."
-    cfg = load_config(overrides=asdict(cfg))  # check every value, whoever built `cfg`
-    if cfg.logging.run_name is None:
-        cfg.logging.run_name = f'{cfg.model.arch}-{datetime.now():%Y%m%d-%H%M%S}'
-    uri = tracking_uri(cfg.logging.tracking_uri)
-    rank = launched_rank(cfg.training)  # None: this process is the whole run, or starts its processes
-    check_tracking_server(uri)
-    for split in ('train', 'test'): load_split(cfg.data.data_dir, split)  # fails early, naming the folder
-    folder = run_folder(cfg, resume, rank_zero=not rank)
-    if rank is None and process_count(cfg.training) > 1: return launch_ranks(cfg, resume, callbacks, tags)
-    with tracking_to(uri):  # Lightning's logger sets MLflow's global tracking URI: for this run only
-        return _train(cfg, resume, uri, folder, not rank, callbacks, tags)
+# %% ../nbs/02_trainer.ipynb #746d83c2
+def confusion_figure(confusion: torch.Tensor, classes=CLASSES):
+    "A matplotlib figure of a confusion matrix (rows: true class, columns: predicted)."
+    # outside torchmetrics' style context: see below
+    figure, ax = plt.subplots(figsize=(7, 6))
+    MulticlassConfusionMatrix(len(classes)).plot(val=confusion, ax=ax, labels=list(classes))
+    return figure
 
+# %% ../nbs/02_trainer.ipynb #bd91a093
+def class_accuracy(confusion: torch.Tensor, classes=CLASSES) -> dict:
+    "The accuracy on each class: the diagonal of a confusion matrix over its row sums."
+    right, images = confusion.diagonal().tolist(), confusion.sum(1).tolist()
+    return {name: r / n if n else float('nan') for name, r, n in zip(classes, right, images)}
+
+# %% ../nbs/02_trainer.ipynb #a350e3fa
+# the registry alias of the version to serve
+CHAMPION = 'champion'
+
+def heldout_set(cfg: Config) -> dict:
+    "What identifies the images of a run's `val/acc`: how many, of which subset, of which data."
+    d = cfg.data
+    return {'data.val_size': str(d.val_size), 'data.subset': str(d.subset),
+            'data.train_md5': file_digest(Path(d.data_dir)/'train'/'images.npy')}
+
+# %% ../nbs/02_trainer.ipynb #9cc706a1
+def why_champion_stays(champion: dict,  # the champion's version tags
+                       accuracy: float | None, heldout: dict) -> str | None:
+    "Why a version of validation `accuracy` on `heldout` does not beat `champion`; else `None`."
+    if accuracy is None:
+        return 'the new version has no validation split (data.val_size 0) to compare on'
+    # a champion registered without a validation split has no measure to defend: a measured one wins
+    if champion.get('val/acc', 'none') == 'none': return None
+    other = [f'{k} {heldout[k]}, not {champion.get(k)}'
+             for k in heldout if champion.get(k) != heldout[k]]
+    if other:
+        return f'the new version was validated on other held-out images ({"; ".join(other)})'
+    if accuracy <= float(champion['val/acc']):
+        return f'its val/acc {float(champion["val/acc"]):.4f} is not beaten by {accuracy:.4f}'
+
+# %% ../nbs/02_trainer.ipynb #0e6a0501
+def promote_champion(client: mlflow.MlflowClient, name: str, version: str,
+                     accuracy: float | None,  # its validation accuracy (`None`: no validation)
+                     heldout: dict,  # `heldout_set` of its run
+                    ) -> str:
+    "Tag `version` of `name` with its measure, the champion if it beats the champion: a line on it."
+    tags = {**heldout, 'val/acc': 'none' if accuracy is None else str(accuracy)}
+    try: champion = client.get_model_version_by_alias(name, CHAMPION)
+    except mlflow.MlflowException:
+        # no champion yet
+        champion = None
+    if champion and (reason := why_champion_stays(champion.tags, accuracy, heldout)):
+        line = (f'{name} version {version} registered; '
+                f'the champion stays version {champion.version}: {reason}')
+    else:
+        client.set_registered_model_alias(name, CHAMPION, version)
+        line = f'{name} version {version} registered and made the champion'
+        theirs = champion and champion.tags.get('val/acc', 'none')
+        if not champion: line += ', the first'
+        elif theirs == 'none':
+            line += f' (val/acc {accuracy:.4f}; version {champion.version} was not validated)'
+        else:
+            line += (f' (val/acc {accuracy:.4f} beats version {champion.version}\'s '
+                     f'{float(theirs):.4f})')
+    for key, value in {**tags, CHAMPION: line}.items():
+        client.set_model_version_tag(name, version, key, value)
+    return line
+
+# %% ../nbs/02_trainer.ipynb #a3e4f2ea
+def model_metadata(module: Classifier) -> dict:
+    "What inference needs besides the weights (the run's `ModelDescription`), for the registry."
+    return ModelDescription.from_hparams(module.hparams).as_dict()
+
+# %% ../nbs/02_trainer.ipynb #66949713
+def run_description(cfg: Config, tags: dict, metrics: dict, registered: str) -> str:
+    "The run's description in MLflow (Markdown): preset, model, data, accuracy, registration."
+    d = cfg.data
+    images = f'a subset of {d.subset:,} images' if d.subset else 'all images'
+    validation = (f'{d.val_size:,} training images held out for validation, '
+                  f'val/acc {metrics["val/acc"]:.2%}'
+                  if d.val_size and 'val/acc' in metrics else 'no validation split')
+    return (f'**{tags.get("preset", "defaults")}**: {cfg.model.arch} of width {cfg.model.width}, '
+            f'{cfg.training.max_epochs} epochs on {images} of `{d.data_dir}`; {validation}. '
+            f'Test accuracy {metrics["test/acc"]:.2%}.\n\n{registered}.')
+
+# %% ../nbs/02_trainer.ipynb #7a5ac502
+def register_model(module: Classifier, cfg: Config, uri: str, run_id: str,
+                   folder: Path) -> tuple[str, str]:
+    "Log the run's artifacts, register its network, offer it the champion alias: version, a line."
+    net = build_model(num_classes=len(module.hparams.classes), **module.hparams.model)
+    net.load_state_dict({k: v.float().cpu() for k, v in module.net.state_dict().items()})
+    net.eval()
+    client = mlflow.MlflowClient(uri)
+    with tracking_to(uri), mlflow.start_run(run_id=run_id):
+        if module.confusion is not None:
+            figure = confusion_figure(module.confusion, module.hparams.classes)
+            mlflow.log_figure(figure, 'confusion_matrix.png')
+            plt.close(figure)
+            accuracy = class_accuracy(module.confusion, module.hparams.classes)
+            mlflow.log_table({'class': list(accuracy), 'test accuracy': list(accuracy.values())},
+                             'test_class_accuracy.json')
+        for name in ('config.yaml', 'best.ckpt', 'last.ckpt'):
+            if (folder/name).exists(): client.log_artifact(run_id, str(folder/name), 'checkpoints')
+        with atomic_path(folder/'weights.pt') as tmp: torch.save(net.state_dict(), tmp)
+        # a batch of 2, so that the batch size stays free
+        example = np.zeros((2, 3, 32, 32), np.float32)
+        torch_version = torch.__version__.split('+')[0]
+        info = mlflow.pytorch.log_model(
+            net, name='model', registered_model_name=cfg.logging.registered_model,
+            metadata=model_metadata(module), extra_files=[str(folder/'weights.pt')],
+            input_example=example, pip_requirements=[f'torch=={torch_version}'])
+    version, run = str(info.registered_model_version), client.get_run(run_id)
+    # val/acc of the final model
+    validation = run.data.metrics.get('val/acc') if cfg.data.val_size else None
+    champion = promote_champion(client, cfg.logging.registered_model, version, validation,
+                                heldout_set(cfg))
+    description = run_description(cfg, run.data.tags, run.data.metrics, champion)
+    client.set_tag(run_id, 'mlflow.note.content', description)
+    return version, champion
+
+# %% ../nbs/02_trainer.ipynb #930c4930
+def source_tags(source: str,  # what ran: `cifar10 train`, `nbs/train.ipynb`
+                preset: str | Path | None = None,  # the preset it read, if any
+                notebook: bool = False) -> dict:
+    "MLflow tags of a new run: what started it, and from which preset."
+    return {'mlflow.source.name': source, 'mlflow.source.type': 'NOTEBOOK' if notebook else 'LOCAL',
+            'preset': str(preset) if preset else 'defaults'}
+
+# %% ../nbs/02_trainer.ipynb #147a684d
 def _train(cfg: Config, resume: bool, uri: str, folder: Path,
-           rank_zero: bool,  # of a data-parallel run's processes, rank 0 alone writes files and talks to MLflow
+           rank_zero: bool,  # of a run's processes, rank 0 alone writes files and talks to MLflow
            more_callbacks: list, tags: dict | None) -> TrainingRun | None:
     "The work of `fit`, once its checks have passed: build, track, train, test, register."
     _, precision, channels_last = device_settings(cfg.training)
@@ -515,139 +696,69 @@ def _train(cfg: Config, resume: bool, uri: str, folder: Path,
     callbacks = run_callbacks(cfg, folder) + list(more_callbacks)
     trainer = build_trainer(cfg, logger, callbacks, folder)
     if rank_zero: prepare_folder(cfg, folder, logger, resume)
-    test_metrics = train_and_test(trainer, module, datamodule_for(cfg, precision, channels_last), folder, resume,
-                                  rank_zero)
+    datamodule = datamodule_for(cfg, precision, channels_last)
+    test_metrics = train_and_test(trainer, module, datamodule, folder, resume, rank_zero)
     if not rank_zero: return None
     version, champion = register_model(module, cfg, uri, logger.run_id, folder)
     epoch_seconds = next(o for o in callbacks if isinstance(o, EpochTimer)).seconds
-    return TrainingRun(cfg.logging.run_name, folder, uri, logger.run_id, test_metrics, version, module.confusion,
-                       epoch_seconds, champion)
+    return TrainingRun(cfg.logging.run_name, folder, uri, logger.run_id, test_metrics, version,
+                       module.confusion, epoch_seconds, champion)
 
-# %% ../nbs/02_trainer.ipynb #746d83c2
-def confusion_figure(confusion: torch.Tensor, classes=CLASSES):
-    "A matplotlib figure of a confusion matrix (rows: true class, columns: predicted)."
-    figure, ax = plt.subplots(figsize=(7, 6))  # outside torchmetrics' style context: see below
-    MulticlassConfusionMatrix(len(classes)).plot(val=confusion, ax=ax, labels=list(classes))
-    return figure
-
-def class_accuracy(confusion: torch.Tensor, classes=CLASSES) -> dict:
-    "The accuracy on each class: the diagonal of a confusion matrix over its row sums."
-    right, images = confusion.diagonal().tolist(), confusion.sum(1).tolist()
-    return {name: r / n if n else float('nan') for name, r, n in zip(classes, right, images)}
-
-# %% ../nbs/02_trainer.ipynb #a350e3fa
-CHAMPION = 'champion'  # the registry alias of the version to serve
-
-def heldout_set(cfg: Config) -> dict:
-    "What identifies the images a run's `val/acc` is measured on: how many, of which subset, of which data."
-    d = cfg.data
-    return {'data.val_size': str(d.val_size), 'data.subset': str(d.subset),
-            'data.train_md5': file_digest(Path(d.data_dir)/'train'/'images.npy')}
-
-def why_champion_stays(champion: dict,  # the champion's version tags
-                       accuracy: float | None, heldout: dict) -> str | None:
-    "Why a version of validation `accuracy` on `heldout` does not beat `champion`; `None` if it does."
-    if accuracy is None: return 'the new version has no validation split (data.val_size 0) to compare on'
-    # a champion registered without a validation split has no measure to defend: a measured version takes over
-    if champion.get('val/acc', 'none') == 'none': return None
-    if other := [f'{k} {heldout[k]}, not {champion.get(k)}' for k in heldout if champion.get(k) != heldout[k]]:
-        return f'the new version was validated on other held-out images ({"; ".join(other)})'
-    if accuracy <= float(champion['val/acc']):
-        return f'its val/acc {float(champion["val/acc"]):.4f} is not beaten by {accuracy:.4f}'
-
-def promote_champion(client: mlflow.MlflowClient, name: str, version: str,
-                     accuracy: float | None,  # validation accuracy of the version's model (`None`: no validation)
-                     heldout: dict,  # `heldout_set` of its run
-                    ) -> str:
-    "Tag `version` of `name` with its measure; give it the `champion` alias if it beats the champion. One line on it."
-    tags = {**heldout, 'val/acc': 'none' if accuracy is None else str(accuracy)}
-    try: champion = client.get_model_version_by_alias(name, CHAMPION)
-    except mlflow.MlflowException: champion = None  # no champion yet
-    if champion and (reason := why_champion_stays(champion.tags, accuracy, heldout)):
-        line = f'{name} version {version} registered; the champion stays version {champion.version}: {reason}'
-    else:
-        client.set_registered_model_alias(name, CHAMPION, version)
-        line = f'{name} version {version} registered and made the champion'
-        theirs = champion and champion.tags.get('val/acc', 'none')
-        if not champion: line += ', the first'
-        elif theirs == 'none': line += f' (val/acc {accuracy:.4f}; version {champion.version} was not validated)'
-        else: line += f' (val/acc {accuracy:.4f} beats version {champion.version}\'s {float(theirs):.4f})'
-    for key, value in {**tags, CHAMPION: line}.items(): client.set_model_version_tag(name, version, key, value)
-    return line
-
-# %% ../nbs/02_trainer.ipynb #a3e4f2ea
-def model_metadata(module: Classifier) -> dict:
-    "What inference needs besides the weights (the run's `ModelDescription`), as the registry stores it."
-    return ModelDescription.from_hparams(module.hparams).as_dict()
-
-def run_description(cfg: Config, tags: dict, metrics: dict, registered: str) -> str:
-    "The run's description in MLflow (Markdown): preset, model, data, accuracy, and what the registry made of it."
-    d = cfg.data
-    images = f'a subset of {d.subset:,} images' if d.subset else 'all images'
-    validation = (f'{d.val_size:,} training images held out for validation, val/acc {metrics["val/acc"]:.2%}'
-                  if d.val_size and 'val/acc' in metrics else 'no validation split')
-    return (f'**{tags.get("preset", "defaults")}**: {cfg.model.arch} of width {cfg.model.width}, '
-            f'{cfg.training.max_epochs} epochs on {images} of `{d.data_dir}`; {validation}. '
-            f'Test accuracy {metrics["test/acc"]:.2%}.\n\n{registered}.')
-
-def register_model(module: Classifier, cfg: Config, uri: str, run_id: str, folder: Path) -> tuple[str, str]:
-    "Log the run's artifacts, register its network and offer it the champion alias: the version, and a line on it."
-    net = build_model(num_classes=len(module.hparams.classes), **module.hparams.model)
-    net.load_state_dict({k: v.float().cpu() for k, v in module.net.state_dict().items()})
-    net.eval()
-    client = mlflow.MlflowClient(uri)
-    with tracking_to(uri), mlflow.start_run(run_id=run_id):
-        if module.confusion is not None:
-            figure = confusion_figure(module.confusion, module.hparams.classes)
-            mlflow.log_figure(figure, 'confusion_matrix.png'); plt.close(figure)
-            accuracy = class_accuracy(module.confusion, module.hparams.classes)
-            mlflow.log_table({'class': list(accuracy), 'test accuracy': list(accuracy.values())},
-                             'test_class_accuracy.json')
-        for name in ('config.yaml', 'best.ckpt', 'last.ckpt'):
-            if (folder/name).exists(): client.log_artifact(run_id, str(folder/name), 'checkpoints')
-        with atomic_path(folder/'weights.pt') as tmp: torch.save(net.state_dict(), tmp)
-        info = mlflow.pytorch.log_model(net, name='model', registered_model_name=cfg.logging.registered_model,
-                                        metadata=model_metadata(module), extra_files=[str(folder/'weights.pt')],
-                                        input_example=np.zeros((2, 3, 32, 32), np.float32),  # 2: batch size stays free
-                                        pip_requirements=[f'torch=={torch.__version__.split("+")[0]}'])
-    version, run = str(info.registered_model_version), client.get_run(run_id)
-    validation = run.data.metrics.get('val/acc') if cfg.data.val_size else None  # the final model's
-    champion = promote_champion(client, cfg.logging.registered_model, version, validation, heldout_set(cfg))
-    client.set_tag(run_id, 'mlflow.note.content', run_description(cfg, run.data.tags, run.data.metrics, champion))
-    return version, champion
-
-# %% ../nbs/02_trainer.ipynb #7f9338ee
-def plot_history(run: TrainingRun):
-    "Training loss by step and, if the run held images out, validation accuracy by epoch, as MLflow recorded them."
-    client = mlflow.MlflowClient(run.tracking_uri)
-    curves = {label: sorted(client.get_metric_history(run.run_id, key), key=lambda m: m.step)
-              for key, label in (('train/loss', 'training loss'), ('val/acc', 'validation accuracy'))}
-    curves = {label: history for label, history in curves.items() if history}
-    figure, axes = plt.subplots(1, len(curves), figsize=(4.5 * len(curves), 3), squeeze=False)
-    for ax, (label, history) in zip(axes[0], curves.items()):
-        ax.plot([m.step for m in history], [m.value for m in history], marker='.' if len(history) < 30 else None)
-        ax.set(xlabel='step', title=label)
-    figure.tight_layout()
-    return figure
-
-# %% ../nbs/02_trainer.ipynb #930c4930
-def source_tags(source: str,  # what ran: `cifar10 train`, `nbs/train.ipynb`
-                preset: str | Path | None = None,  # the preset it read, if any
-                notebook: bool = False) -> dict:
-    "MLflow tags of a new run: what started it, and from which preset."
-    return {'mlflow.source.name': source, 'mlflow.source.type': 'NOTEBOOK' if notebook else 'LOCAL',
-            'preset': str(preset) if preset else 'defaults'}
+# %% ../nbs/02_trainer.ipynb #fc89e950
+def fit(cfg: Config,  # the run's configuration; `logging.run_name` names a run to resume
+        resume: bool = False,  # continue `models/<run_name>/last.ckpt` and its MLflow run
+        callbacks: list = (),  # more Lightning callbacks, e.g. a sweep's pruning
+        tags: dict | None = None,  # MLflow tags of a new run, e.g. a sweep trial's parent run
+       ) -> TrainingRun | None:
+    "Train, test and register a model as `cfg` says, tracked in MLflow; `None` on ranks but 0."
+    # check every value, whoever built `cfg`
+    cfg = load_config(overrides=asdict(cfg))
+    if cfg.logging.run_name is None:
+        cfg.logging.run_name = f'{cfg.model.arch}-{datetime.now():%Y%m%d-%H%M%S}'
+    uri = tracking_uri(cfg.logging.tracking_uri)
+    # None: this process is the whole run, or starts its processes
+    rank = launched_rank(cfg.training)
+    check_tracking_server(uri)
+    # fails early, naming the folder
+    for split in ('train', 'test'): load_split(cfg.data.data_dir, split)
+    folder = run_folder(cfg, resume, rank_zero=not rank)
+    if rank is None and process_count(cfg.training) > 1:
+        return launch_ranks(cfg, resume, callbacks, tags)
+    # Lightning's logger sets MLflow's global tracking URI: for this run only
+    with tracking_to(uri):
+        return _train(cfg, resume, uri, folder, not rank, callbacks, tags)
 
 # %% ../nbs/02_trainer.ipynb #44ba86a7
 @contextmanager
 def replacing(folder: str | Path):
-    "Move `folder` aside for the block: put it back if the block fails, delete it once the block has succeeded."
+    "Move `folder` aside for the block: back if the block fails, deleted once it has succeeded."
     folder = Path(folder)
     aside = folder.with_name(f'.{folder.name}.replaced')
-    if aside.exists(): shutil.rmtree(folder, ignore_errors=True); aside.rename(folder)  # a killed replacement
+    # what a replacement that was killed left: the old folder goes back first
+    if aside.exists():
+        shutil.rmtree(folder, ignore_errors=True)
+        aside.rename(folder)
     if folder.exists(): folder.rename(aside)
     try: yield folder
     except BaseException:
-        if aside.exists(): shutil.rmtree(folder, ignore_errors=True); aside.rename(folder)
+        if aside.exists():
+            shutil.rmtree(folder, ignore_errors=True)
+            aside.rename(folder)
         raise
     shutil.rmtree(aside, ignore_errors=True)
+
+# %% ../nbs/02_trainer.ipynb #7f9338ee
+def plot_history(run: TrainingRun):
+    "Training loss by step and, if images were held out, validation accuracy, as MLflow has them."
+    client = mlflow.MlflowClient(run.tracking_uri)
+    keys = (('train/loss', 'training loss'), ('val/acc', 'validation accuracy'))
+    curves = {label: sorted(client.get_metric_history(run.run_id, key), key=lambda m: m.step)
+              for key, label in keys}
+    curves = {label: history for label, history in curves.items() if history}
+    figure, axes = plt.subplots(1, len(curves), figsize=(4.5 * len(curves), 3), squeeze=False)
+    for ax, (label, history) in zip(axes[0], curves.items()):
+        marker = '.' if len(history) < 30 else None
+        ax.plot([m.step for m in history], [m.value for m in history], marker=marker)
+        ax.set(xlabel='step', title=label)
+    figure.tight_layout()
+    return figure
