@@ -52,10 +52,11 @@ __all__ = ['WHITENING_IMAGES', 'AUTOCAST_DTYPES', 'ASYNC_BUFFER_SECONDS', 'CHAMP
            'parameter_groups', 'sgd_with_schedule', 'Classifier', 'Lookahead', 'TrainingRun', 'TrainingError',
            'tracking_uri', 'artifact_location', 'check_tracking_server', 'readable_checkpoint', 'run_folder',
            'resume_config', 'run_config', 'cpu_has_bf16', 'device_settings', 'process_count', 'launched_rank',
-           'launch_ranks', 'RankZeroWeights', 'EpochTimer', 'datamodule_for', 'SteadyProgressBar', 'run_callbacks',
-           'build_trainer', 'start_tracking', 'prepare_folder', 'expected_warnings_silenced', 'train_and_test',
-           'tracking_to', 'confusion_figure', 'class_accuracy', 'heldout_set', 'why_champion_stays', 'promote_champion',
-           'model_metadata', 'run_description', 'register_model', 'source_tags', 'fit', 'replacing', 'plot_history']
+           'launch_ranks', 'RankZeroWeights', 'EpochTimer', 'RecordsBeforeCheckpoint', 'datamodule_for',
+           'SteadyProgressBar', 'run_callbacks', 'build_trainer', 'start_tracking', 'prepare_folder',
+           'expected_warnings_silenced', 'train_and_test', 'tracking_to', 'confusion_figure', 'class_accuracy',
+           'heldout_set', 'why_champion_stays', 'promote_champion', 'model_metadata', 'run_description',
+           'register_model', 'source_tags', 'fit', 'replacing', 'plot_history']
 
 # %% ../nbs/02_trainer.ipynb #eeaa92bd
 for name in ('lightning.pytorch.utilities.rank_zero', 'pytorch_lightning.utilities.rank_zero'):
@@ -426,6 +427,12 @@ class EpochTimer(L.Callback):
             seconds = {'time/epoch_seconds': self.seconds[-1]}
             trainer.logger.log_metrics(seconds, step=trainer.global_step)
 
+# %% ../nbs/02_trainer.ipynb #1e6677ea
+class RecordsBeforeCheckpoint(L.Callback):
+    "At each epoch's end, before its checkpoint: wait until MLflow has written all that was logged."
+    def on_train_epoch_end(self, trainer, module):
+        if trainer.logger: mlflow.flush_async_logging()
+
 # %% ../nbs/02_trainer.ipynb #d6949bf5
 # what a mixed precision computes in
 AUTOCAST_DTYPES = {'bf16-mixed': torch.bfloat16, '16-mixed': torch.float16}
@@ -458,7 +465,7 @@ def run_callbacks(cfg: Config, folder: Path,
     "The callbacks of a run of `cfg` that checkpoints into `folder`."
     last = ModelCheckpoint(folder, 'last', enable_version_counter=False,
                            save_on_train_epoch_end=True)
-    callbacks = [last, EpochTimer(), RankZeroWeights()]
+    callbacks = [last, EpochTimer(), RecordsBeforeCheckpoint(), RankZeroWeights()]
     if cfg.data.val_size:
         best = ModelCheckpoint(folder, 'best', monitor='val/acc', mode='max',
                                enable_version_counter=False, save_on_train_epoch_end=False)
@@ -507,6 +514,8 @@ def prepare_folder(cfg: Config, folder: Path, logger: MLFlowLogger, resume: bool
     run = yaml.safe_dump({'run_id': logger.run_id})
     with atomic_path(folder/'run.yaml') as tmp: tmp.write_text(run)
     logger.log_hyperparams(flat_params(cfg))
+    # written before training starts: a run killed in its first seconds keeps its parameters
+    mlflow.flush_async_logging()
 
 # %% ../nbs/02_trainer.ipynb #30f8d01d
 @contextmanager

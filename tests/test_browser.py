@@ -49,7 +49,7 @@ def test_page_classifies_picked_pictures_and_shows_the_servers_errors(browser, p
     for i in range(6):
         files.append(tmp_path/f'test-{i}.png'); files[-1].write_bytes(picture(i, (96, 96)))
     page.set_input_files('#files', [str(f) for f in files])
-    page.wait_for_function('document.querySelectorAll(".result .bars").length === 6', timeout=30_000)
+    page.wait_for_function('document.querySelectorAll(".result .bars").length === 6', timeout=60_000)
     for f in files:
         bars = page.locator('.result', has_text=f.name).locator('.bars li')
         assert bars.count() == 3
@@ -58,7 +58,7 @@ def test_page_classifies_picked_pictures_and_shows_the_servers_errors(browser, p
     (tmp_path/'notes.png').write_text('not a picture at all')
     page.set_input_files('#files', str(tmp_path/'notes.png'))
     error = page.locator('.result', has_text='notes.png').locator('.error')
-    error.wait_for(timeout=30_000)
+    error.wait_for(timeout=60_000)
     assert error.inner_text() == '400: body: not an image Pillow can read'
     ARTIFACTS.mkdir(exist_ok=True)
     page.screenshot(path=str(ARTIFACTS/'page.png'))
@@ -77,10 +77,10 @@ def test_page_takes_a_pasted_picture_and_reports_one_too_large(browser, page_ser
         window.dispatchEvent(new ClipboardEvent('paste', {clipboardData: clipboard}));
     }'''
     page.evaluate(paste, [64, 48, 'pasted.png'])
-    page.locator('.result', has_text='pasted.png').locator('.bars li').first.wait_for(timeout=30_000)
+    page.locator('.result', has_text='pasted.png').locator('.bars li').first.wait_for(timeout=60_000)
     page.evaluate(paste, [8000, 6000, 'huge.png'])  # 48 megapixels: more than the server decodes
     error = page.locator('.result', has_text='huge.png').locator('.error')
-    error.wait_for(timeout=30_000)
+    error.wait_for(timeout=60_000)
     assert error.inner_text().startswith('413: body: 8000×6000 is more than the 40,000,000 pixels allowed')
 
 
@@ -93,7 +93,7 @@ def test_page_classifies_camera_frames_while_the_camera_is_on(browser, page_serv
         frames = []
         page.on('request', lambda r: frames.append(r) if r.url.endswith('/predict') else None)
         page.click('#camera')
-        page.locator('#live-bars li').first.wait_for(timeout=30_000)
+        page.locator('#live-bars li').first.wait_for(timeout=60_000)
         page.wait_for_function('document.querySelectorAll("#live-bars li").length === 3')
         page.wait_for_timeout(1500)
         assert len(frames) >= 3, len(frames)  # a frame every few hundred ms
@@ -110,7 +110,7 @@ def test_page_fits_a_phone_screen(browser, page_server, picture, tmp_path):
                            device_scale_factor=2, has_touch=True)
     (tmp_path/'one.png').write_bytes(picture(7, (64, 64)))
     page.set_input_files('#files', str(tmp_path/'one.png'))
-    page.locator('.result .bars li').first.wait_for(timeout=30_000)
+    page.locator('.result .bars li').first.wait_for(timeout=60_000)
     assert page.evaluate('document.documentElement.scrollWidth') <= 390  # nothing sticks out sideways
     width = page.locator('#results .result').bounding_box()['width']
     assert 300 < width <= 390, width
@@ -122,7 +122,7 @@ def test_docs_render_offline_with_a_file_picker_for_predict(browser, page_server
     page, elsewhere = offline_page(browser, page_server, viewport={'width': 1100, 'height': 900})
     page.goto(f'{page_server}/docs')
     operation = page.locator('#operations-default-predict_predict_post')
-    operation.wait_for(timeout=30_000)
+    operation.wait_for(timeout=60_000)
     operation.locator('.opblock-summary').click()
     page.locator('.try-out__btn').click()
     page.locator('select.content-type, .body-param-content-type select').first.select_option('multipart/form-data')
