@@ -12,6 +12,8 @@ from conftest import CHROMIUM_FLAGS, cifar10_server
 from cifar10.data import CLASSES
 
 ARTIFACTS = Path(__file__).parent/'artifacts'
+# every test here drives a real browser against a server on a freshly trained model
+pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope='module')

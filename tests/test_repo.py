@@ -48,6 +48,7 @@ def test_readme_is_the_index_notebook(copy):
     same_files(ROOT, copy, ['README.md'])
 
 
+@pytest.mark.slow
 def test_notebooks_are_ready_for_the_docs_site():
     "nbdev's docs processing (what `nbdev_docs` runs before Quarto) takes every notebook without a warning."
     result = run(sys.executable, '-c', 'import nbdev.serve; nbdev.serve.proc_nbs(force=True)', cwd=ROOT)
@@ -118,6 +119,7 @@ def test_make_docs_without_quarto_is_one_line(tmp_path):
     assert not (tmp_path/'_docs').exists()
 
 
+@pytest.mark.slow
 def test_make_mlflow_serves_on_a_chosen_port_and_links_to_the_runs_table(tmp_path, browser):
     "`make mlflow PORT=...` prints the link to the cifar10 runs table; a real browser opens it on that table."
     client = mlflow.MlflowClient(f'sqlite:///{tmp_path}/mlflow.db')
@@ -152,6 +154,7 @@ def test_notebooks_are_valid_and_normal(name):
     assert changes == 0 and notebook.nbformat == 4 and notebook.nbformat_minor == 5
 
 
+@pytest.mark.slow
 def test_jupyterlab_opens_notebooks_unmodified_and_saves_them_clean(tmp_path, browser):
     "In a real JupyterLab with the project's server settings, a notebook opens unmodified and saves byte for byte."
     names = ('01_model.ipynb', 'train.ipynb')

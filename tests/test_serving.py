@@ -62,6 +62,7 @@ def export_checks(output: str) -> dict:
     return checks
 
 
+@pytest.mark.slow
 def test_export_agrees_with_pytorch(trained, tiny_data):
     models, run = trained
     checks = export_checks((models.parent/'export.txt').read_text())  # the float32 export the fixture made

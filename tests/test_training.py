@@ -28,6 +28,7 @@ def smoke_flags(data_dir, **settings) -> list[str]:
     return flags
 
 
+@pytest.mark.slow
 def test_cli_train_tracks_everything_on_a_server(tiny_data, mlflow_server, tmp_path):
     result = run_cli('train', *smoke_flags(tiny_data, data__val_size='200', training__models_dir=tmp_path/'models',
                                            logging__tracking_uri=mlflow_server, logging__run_name='cli-run',
@@ -78,6 +79,7 @@ def papermill(*args, cwd=ROOT) -> subprocess.CompletedProcess:
                           cwd=cwd, env=cli_env(), capture_output=True, text=True, timeout=600)
 
 
+@pytest.mark.slow
 def test_papermill_runs_the_training_notebook(tiny_data, tmp_path):
     out = tmp_path/'executed.ipynb'
     overrides = {'data': {'data_dir': str(tiny_data), 'subset': None},
@@ -109,6 +111,7 @@ def test_papermill_refuses_a_section_that_is_not_settings(tmp_path):
         in result.stderr, result.stderr[-3000:]
 
 
+@pytest.mark.slow
 def test_resume_after_the_process_is_killed(tiny_data, tmp_path):
     "A run killed mid-way continues from its last checkpoint, in the same MLflow run, to the planned end."
     flags = smoke_flags(tiny_data, training__max_epochs='8', logging__run_name='killed')
@@ -136,6 +139,7 @@ def test_resume_after_the_process_is_killed(tiny_data, tmp_path):
     assert line.startswith('cifar10 train: error: models/killed/last.ckpt: damaged') and 'start a new run' in line, line
 
 
+@pytest.mark.slow
 def test_the_champion_moves_only_to_a_better_model(tiny_data, mlflow_server, tmp_path):
     "Every run registers a version; `champion` goes to the first, stays for a worse one and moves to a better one."
     def train(name, **training):
