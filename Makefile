@@ -42,8 +42,8 @@ test: install container-tools postgres-server browser-tools
 	nbdev_test --n_workers 1
 	CIFAR10_ARCHIVE=$(CIFAR10_LOCAL_ARCHIVE) pytest -q tests
 
-# The tests not marked slow (a few minutes; chromium for the browser tests): for the edit-test loop, not a substitute for `make test`
-test-fast: install browser-tools
+# The tests not marked slow (a few minutes; none of them needs a browser, a container engine or PostgreSQL)
+test-fast: install
 	ruff check .
 	CIFAR10_ARCHIVE=$(CIFAR10_LOCAL_ARCHIVE) cifar10 data
 	CIFAR10_ARCHIVE=$(CIFAR10_LOCAL_ARCHIVE) pytest -q -m 'not slow' tests
