@@ -43,8 +43,14 @@ from cifar10.trainer import (
 
 class TrainTimer(L.Callback):
     "Times training, from its first step to its end (the epoch's checkpoint included)."
-    def on_train_start(self, trainer, module): self.start = time.perf_counter()
-    def on_train_end(self, trainer, module): self.seconds = time.perf_counter() - self.start
+    # a GPU's queued work is waited for at both ends, as the bare loop does
+    def on_train_start(self, trainer, module):
+        if torch.cuda.is_available(): torch.cuda.synchronize()
+        self.start = time.perf_counter()
+
+    def on_train_end(self, trainer, module):
+        if torch.cuda.is_available(): torch.cuda.synchronize()
+        self.seconds = time.perf_counter() - self.start
 
 
 def lightning_rate(cfg, folder: Path) -> float:
@@ -77,8 +83,9 @@ def bare_rate(cfg) -> float:
     loader = datamodule.train_dataloader()
     total = len(loader) * cfg.training.max_epochs
     optimizer, schedule = sgd_with_schedule(module.net, cfg.training, total, cfg.data.batch_size)
-    lookahead, every = Lookahead(cfg.training.lookahead_every or 1), cfg.training.lookahead_every
-    lookahead.average = [o.detach().clone() for o in Lookahead.tensors(module.net)]
+    every = cfg.training.lookahead_every
+    lookahead = Lookahead(every) if every else None
+    if lookahead: lookahead.average = [o.detach().clone() for o in Lookahead.tensors(module.net)]
     dtype = AUTOCAST_DTYPES.get(precision)
     module.train()
     if device == 'cuda': torch.cuda.synchronize()
@@ -93,7 +100,7 @@ def bare_rate(cfg) -> float:
                 module.net.stem.bias.grad = None
             optimizer.step(); schedule.step()
             step += 1
-            if every and step % every == 0: lookahead.pull(module.net, 0.95 ** every * (step / total) ** 3)
+            if lookahead: lookahead.after_step(module.net, step, total)
     if device == 'cuda': torch.cuda.synchronize()
     return step * cfg.data.batch_size / (time.perf_counter() - start)
 

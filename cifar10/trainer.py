@@ -221,12 +221,15 @@ class Lookahead(L.Callback):
         if self.average is None: self.average = [w.detach().clone() for w in weights]
         else: self.average = [a.to(w.device, w.dtype) for a, w in zip(self.average, weights)]
 
-    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
-        step, total = trainer.global_step, trainer.estimated_stepping_batches
+    def after_step(self, net: torch.nn.Module, step: int, total: int):
+        "After optimizer step `step` of `total`: a pull every `every` steps; at the end, the average."
         if step % self.every == 0:
-            self.pull(module.net, self.decay ** self.every * (step / total) ** self.power)
+            self.pull(net, self.decay ** self.every * (step / total) ** self.power)
         # the run ends on the average
-        if step == total: self.pull(module.net, 1.0)
+        if step == total: self.pull(net, 1.0)
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        self.after_step(module.net, trainer.global_step, trainer.estimated_stepping_batches)
 
     def state_dict(self): return {'average': self.average}
     def load_state_dict(self, state): self.average = state['average']
