@@ -141,13 +141,12 @@ class Batcher:
             try: ranked = await loop.run_in_executor(self.thread, predict, images, self.top_k)
             # each of these requests fails with it (a 500); the server goes on
             except Exception as e: ranked = e
-            start = 0
-            for images, answer in batch:
-                # its client went away
+            ends = np.cumsum([len(images) for images, _ in batch])
+            for (images, answer), end in zip(batch, ends):
+                # its client went away: its images were classified all the same
                 if answer.done(): continue
                 if isinstance(ranked, Exception): answer.set_exception(ranked)
-                else: answer.set_result(ranked[start:start + len(images)])
-                start += len(images)
+                else: answer.set_result(ranked[end - len(images):end])
 
 # %% ../nbs/04_serve.ipynb #564a52cc
 # seconds
