@@ -131,9 +131,11 @@ def mlflow_server(tmp_path_factory):
     finally: stop(server)
 
 
-# Chromium as a test runs it: as root (no sandbox), without a GPU, and without trying the network on its own
+# Chromium as a test runs it: as root (no sandbox), without a GPU, without trying the network on its own, and able
+# to reach nothing but this machine (no proxy; no host resolves but localhost and 127.0.0.1)
 CHROMIUM_FLAGS = ['--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run',
-                  '--disable-background-networking', '--disable-component-update', '--disable-sync']
+                  '--disable-background-networking', '--disable-component-update', '--disable-sync',
+                  '--no-proxy-server', '--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE localhost, EXCLUDE 127.0.0.1']
 
 
 @pytest.fixture(scope='session')
