@@ -1,14 +1,18 @@
 """What each part of the training recipe is worth: accuracy and time with it, and with it taken out.
 
 Each variant is the configuration (`--config`, plus `--set` overrides) with one part of airbench's recipe
-taken out or changed, trained with `fit` for several seeds, one after the other in this process. The
-test-time augmentation rows need no training of their own: they evaluate the full recipe's final models
-with each level. Every run appends a line to `--output` (JSON), so an interrupted benchmark keeps what
-it measured and `--resume` skips the runs already there. The table is printed at the end; the trainer
-chapter shows it from the output file. Last line: `full_recipe_accuracy: <mean>`.
+taken out or changed, trained with `fit` for several seeds, one after the other in this process. Every
+run holds out `--val_size` training images (the same ones for all, `data.val_size`) and is judged by its
+accuracy on them: the defaults are chosen on these, never on the test split, whose accuracy is printed
+beside only for reference. The test-time augmentation rows need no training of their own: they evaluate
+the full recipe's final models on the held-out images with each level. Every run appends a line to
+`--output` (JSON), so an interrupted benchmark keeps what it measured and `--resume` skips the runs
+already there. The table is printed at the end; the trainer chapter shows it from the output file. Last
+line: `full_recipe_val_accuracy: <mean>`.
 
     python bench/recipe.py [--config conf/cpu.yaml] [--set model.width=16 training.max_epochs=4]
-                           [--seeds 3] [--output bench/results/recipe-cpu.jsonl] [--resume]
+                           [--seeds 3] [--variants 'full recipe' 'no lookahead'] [--val_size 5000]
+                           [--output bench/results/recipe-val-cpu.jsonl] [--resume]
 """
 import argparse
 import json
@@ -17,13 +21,13 @@ import tempfile
 import time
 from pathlib import Path
 
+import mlflow
 import torch
 import yaml
 
 from cifar10.config import load_config
-from cifar10.data import load_split, normalize
 from cifar10.model import TTA_LEVELS, tta_logits
-from cifar10.trainer import Classifier, fit
+from cifar10.trainer import Classifier, datamodule_for, fit
 
 # each variant: what it takes out of the full recipe, as configuration overrides
 VARIANTS = {
@@ -33,6 +37,7 @@ VARIANTS = {
     'whitening biases never learn': {'training': {'whiten_bias_epochs': 0}},
     'whitening biases learn throughout': {'training': {'whiten_bias_epochs': 1000}},
     'random flips': {'data': {'flip': 'random'}},
+    'batches of 512': {'data': {'batch_size': 512}},
     'lr × 0.5': {'training': {'lr_scale': 0.5}},
     'lr × 2': {'training': {'lr_scale': 2.0}},
     'weight decay × 0.5': {'training': {'wd_scale': 0.5}},
@@ -54,18 +59,18 @@ def scaled(overrides: dict, defaults) -> dict:
 
 
 @torch.inference_mode()
-def tta_accuracies(checkpoint: Path, data_dir: str) -> dict:
-    "Test accuracy of a checkpoint's network with each test-time augmentation level."
+def tta_accuracies(checkpoint: Path, cfg) -> dict:
+    "Accuracy of a checkpoint's network on the run's held-out images (`cfg`) with each test-time augmentation level."
     module = Classifier.load_from_checkpoint(checkpoint, map_location='cpu', weights_only=False).eval()
-    images, labels = load_split(data_dir, 'test')
-    correct = dict.fromkeys(TTA_LEVELS, 0)
-    for start in range(0, len(labels), 1000):
-        x = normalize(torch.from_numpy(images[start:start + 1000].copy()))
-        y = torch.from_numpy(labels[start:start + 1000].copy())
+    data = datamodule_for(cfg, '32-true', channels_last=False)
+    data.setup()
+    correct, total = dict.fromkeys(TTA_LEVELS, 0), 0
+    for images, labels in data.val_dataloader():
+        total += len(labels)
         for level in TTA_LEVELS:
             with torch.autocast('cpu', dtype=torch.bfloat16):
-                correct[level] += (tta_logits(module.net, x, level).argmax(1) == y).sum().item()
-    return {level: right / len(labels) for level, right in correct.items()}
+                correct[level] += (tta_logits(module.net, images, level).argmax(1) == labels).sum().item()
+    return {level: right / total for level, right in correct.items()}
 
 
 def main():
@@ -75,10 +80,11 @@ def main():
     parser.add_argument('--data_dir', default='data')
     parser.add_argument('--seeds', type=int, default=3)
     parser.add_argument('--variants', nargs='*', default=list(VARIANTS), help='which variants to run')
-    parser.add_argument('--output', default='bench/results/recipe-cpu.jsonl')
+    parser.add_argument('--val_size', type=int, default=5000, help='training images held out to judge by')
+    parser.add_argument('--output', default='bench/results/recipe-val-cpu.jsonl')
     parser.add_argument('--resume', action='store_true', help='skip the runs already in --output')
     args = parser.parse_args()
-    common = {'data': {'data_dir': args.data_dir}, 'logging': {'progress_bar': False}}
+    common = {'data': {'data_dir': args.data_dir, 'val_size': args.val_size}, 'logging': {'progress_bar': False}}
     for item in args.set:
         key, value = item.split('=', 1)
         section, name = key.split('.')
@@ -97,10 +103,13 @@ def main():
                 cfg = load_config(args.config, overrides)
                 start = time.perf_counter()
                 run = fit(cfg)
-                record = {'variant': name, 'seed': seed, 'test_accuracy': run.test_metrics['test/acc'],
+                [val] = mlflow.MlflowClient(run.tracking_uri).get_metric_history(run.run_id, 'val/acc')
+                record = {'variant': name, 'seed': seed, 'val_accuracy': val.value,
+                          'test_accuracy': run.test_metrics['test/acc'],
                           'train_seconds': sum(run.epoch_seconds), 'wall_seconds': time.perf_counter() - start,
                           'overrides': overrides, 'load': Path('/proc/loadavg').read_text().split()[:3]}
-                if name == 'full recipe': record['tta'] = tta_accuracies(run.folder/'last.ckpt', args.data_dir)
+                if name == 'full recipe':
+                    record['tta'] = tta_accuracies(run.folder/'last.ckpt', cfg)
             print(json.dumps(record), flush=True)
             with output.open('a') as f: f.write(json.dumps(record) + '\n')
             done.append(record)
@@ -108,19 +117,21 @@ def main():
 
 
 def print_table(records: list):
-    "Mean test accuracy and training time of each variant, and the TTA levels of the full recipe."
+    "Mean held-out (and, for reference, test) accuracy and training time of each variant; the full recipe's TTA."
     rows = {}
     for r in records: rows.setdefault(r['variant'], []).append(r)
-    full = statistics.mean(r['test_accuracy'] for r in rows.get('full recipe', [{'test_accuracy': float('nan')}]))
-    print(f'{"variant":52s} {"accuracy":>9s} {"vs full":>8s} {"train s":>8s} runs')
+    def mean(runs, key): return statistics.mean(r[key] for r in runs) if runs else float('nan')
+    full = mean(rows.get('full recipe', []), 'val_accuracy')
+    print(f'{"variant":52s} {"held-out":>9s} {"vs full":>8s} {"test":>7s} {"train s":>8s} runs')
     for name, runs in rows.items():
-        accuracy = statistics.mean(r['test_accuracy'] for r in runs)
+        accuracy = mean(runs, 'val_accuracy')
         seconds = statistics.median(r['train_seconds'] for r in runs)
-        print(f'{name:52s} {accuracy:9.4f} {accuracy - full:+8.4f} {seconds:8.0f} {len(runs)}')
+        print(f'{name:52s} {accuracy:9.4f} {accuracy - full:+8.4f} {mean(runs, "test_accuracy"):7.4f} '
+              f'{seconds:8.0f} {len(runs)}')
     for level in TTA_LEVELS:
         values = [r['tta'][level] for r in rows.get('full recipe', []) if 'tta' in r]
         if values: print(f'{"full recipe, test-time augmentation " + level:52s} {statistics.mean(values):9.4f}')
-    print(f'full_recipe_accuracy: {full:.4f}')
+    print(f'full_recipe_val_accuracy: {full:.4f}')
 
 
 if __name__ == '__main__':
