@@ -7,12 +7,12 @@ accuracy on them: the defaults are chosen on these, never on the test split, who
 beside only for reference. The test-time augmentation rows need no training of their own: they evaluate
 the full recipe's final models on the held-out images with each level. Every run appends a line to
 `--output` (JSON), so an interrupted benchmark keeps what it measured and `--resume` skips the runs
-already there. The table is printed at the end; the trainer chapter shows it from the output file. Last
-line: `full_recipe_val_accuracy: <mean>`.
+already there. The table is printed at the end, in Markdown (`--table` prints it from `--output` without
+training): the trainer chapter shows it. Last line: `full_recipe_val_accuracy: <mean>`.
 
     python bench/recipe.py [--config conf/cpu.yaml] [--set model.width=16 training.max_epochs=4]
                            [--seeds 3] [--variants 'full recipe' 'no lookahead'] [--val_size 5000]
-                           [--output bench/results/recipe-val-cpu.jsonl] [--resume]
+                           [--output bench/results/recipe-val-cpu.jsonl] [--resume] [--table]
 """
 import argparse
 import json
@@ -83,7 +83,10 @@ def main():
     parser.add_argument('--val_size', type=int, default=5000, help='training images held out to judge by')
     parser.add_argument('--output', default='bench/results/recipe-val-cpu.jsonl')
     parser.add_argument('--resume', action='store_true', help='skip the runs already in --output')
+    parser.add_argument('--table', action='store_true', help='only print the table of the runs in --output')
     args = parser.parse_args()
+    if args.table:
+        return print_table([json.loads(line) for line in Path(args.output).read_text().splitlines()])
     common = {'data': {'data_dir': args.data_dir, 'val_size': args.val_size}, 'logging': {'progress_bar': False}}
     for item in args.set:
         key, value = item.split('=', 1)
@@ -103,7 +106,8 @@ def main():
                 cfg = load_config(args.config, overrides)
                 start = time.perf_counter()
                 run = fit(cfg)
-                [val] = mlflow.MlflowClient(run.tracking_uri).get_metric_history(run.run_id, 'val/acc')
+                # the last validation: after the last epoch
+                val = mlflow.MlflowClient(run.tracking_uri).get_metric_history(run.run_id, 'val/acc')[-1]
                 record = {'variant': name, 'seed': seed, 'val_accuracy': val.value,
                           'test_accuracy': run.test_metrics['test/acc'],
                           'train_seconds': sum(run.epoch_seconds), 'wall_seconds': time.perf_counter() - start,
@@ -116,21 +120,32 @@ def main():
     print_table(done)
 
 
+# forward passes an image of each test-time augmentation level
+PASSES = {'none': 1, 'mirror': 2, 'mirror_translate': 6}
+
+
 def print_table(records: list):
-    "Mean held-out (and, for reference, test) accuracy and training time of each variant; the full recipe's TTA."
+    """The variants' held-out accuracy (mean, and each seed's), its difference from the full recipe, the test
+    accuracy for reference and the median training time, as the Markdown table the trainer chapter shows;
+    then the full recipe's models with each test-time augmentation level."""
     rows = {}
     for r in records: rows.setdefault(r['variant'], []).append(r)
-    def mean(runs, key): return statistics.mean(r[key] for r in runs) if runs else float('nan')
-    full = mean(rows.get('full recipe', []), 'val_accuracy')
-    print(f'{"variant":52s} {"held-out":>9s} {"vs full":>8s} {"test":>7s} {"train s":>8s} runs')
+    full = statistics.mean(r['val_accuracy'] for r in rows['full recipe'])
+    print('| variant (one part of the recipe taken out or changed) | held-out accuracy, mean | vs full recipe, points '
+          '| seeds | test accuracy (reference) | training time, median |\n| --- | --- | --- | --- | --- | --- |')
+    def row(name: str, accuracies: list, rest: str):
+        difference = f'{100 * (statistics.mean(accuracies) - full):+.2f}'.replace('-0.00', '+0.00')
+        seeds = ', '.join(f'{100 * a:.2f}%' for a in accuracies)
+        print(f'| {name} | {100 * statistics.mean(accuracies):.2f}% | {difference} | {seeds} | {rest} |')
     for name, runs in rows.items():
-        accuracy = mean(runs, 'val_accuracy')
+        runs = sorted(runs, key=lambda r: r['seed'])
+        test = statistics.mean(r['test_accuracy'] for r in runs)
         seconds = statistics.median(r['train_seconds'] for r in runs)
-        print(f'{name:52s} {accuracy:9.4f} {accuracy - full:+8.4f} {mean(runs, "test_accuracy"):7.4f} '
-              f'{seconds:8.0f} {len(runs)}')
-    for level in TTA_LEVELS:
-        values = [r['tta'][level] for r in rows.get('full recipe', []) if 'tta' in r]
-        if values: print(f'{"full recipe, test-time augmentation " + level:52s} {statistics.mean(values):9.4f}')
+        row(name, [r['val_accuracy'] for r in runs], f'{100 * test:.2f}% | {seconds:.0f} s')
+    tested = sorted((r for r in rows['full recipe'] if 'tta' in r), key=lambda r: r['seed'])
+    for level, passes in PASSES.items():
+        row(f'full recipe, test-time augmentation `{level}` ({passes} forward pass{"es" * (passes > 1)} an image)',
+            [r['tta'][level] for r in tested], '|')
     print(f'full_recipe_val_accuracy: {full:.4f}')
 
 
