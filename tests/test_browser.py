@@ -38,10 +38,11 @@ def offline_page(browser, url, **context):
     return page, elsewhere
 
 
-def test_a_fetch_elsewhere_is_seen(browser, page_server):
+def test_a_fetch_elsewhere_fails_and_is_seen(browser, page_server):
     page, elsewhere = offline_page(browser, page_server)
-    page.evaluate("fetch('https://example.com/font.woff2').catch(() => null)")
-    page.wait_for_timeout(500)
+    outcome = page.evaluate("fetch('https://example.com/font.woff2').then(() => 'answered', () => 'failed')")
+    assert outcome == 'failed'
+    page.wait_for_timeout(500)  # for the request's event to reach Python
     assert elsewhere == ['https://example.com/font.woff2']
 
 
