@@ -77,6 +77,8 @@ class TrainingConfig:
     accelerator: Literal['auto', 'cpu', 'gpu', 'cuda', 'mps'] = 'auto'
     # memory layout of images and weights (default: with bf16)
     channels_last: Optional[bool] = None
+    # keep the memory freed on the host for reuse (glibc), sparing each step its page faults
+    keep_freed_memory: bool = True
     seed: int = 0  # seeds weights, shuffles and augmentations
     models_dir: str = 'models'  # checkpoints go to models_dir/<run name>/
     # processes per machine, one per GPU; each takes data.batch_size / (devices × num_nodes)

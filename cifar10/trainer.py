@@ -5,6 +5,7 @@
 # %% ../nbs/02_trainer.ipynb #50acccc5
 from __future__ import annotations
 
+import ctypes
 import logging
 import math
 import os
@@ -48,15 +49,15 @@ from .datamodule import CIFAR10DataModule
 from .model import FastNet, build_model, init_whitening, tta_logits
 
 # %% auto #0
-__all__ = ['WHITENING_IMAGES', 'AUTOCAST_DTYPES', 'ASYNC_BUFFER_SECONDS', 'CHAMPION', 'warmup_then_decay', 'freeze_norm_scales',
-           'parameter_groups', 'sgd_with_schedule', 'Classifier', 'Lookahead', 'TrainingRun', 'TrainingError',
-           'tracking_uri', 'artifact_location', 'check_tracking_server', 'readable_checkpoint', 'run_folder',
-           'resume_config', 'run_config', 'cpu_has_bf16', 'device_settings', 'process_count', 'launched_rank',
-           'launch_ranks', 'RankZeroWeights', 'EpochTimer', 'RecordsBeforeCheckpoint', 'datamodule_for',
-           'SteadyProgressBar', 'run_callbacks', 'build_trainer', 'start_tracking', 'prepare_folder',
-           'expected_warnings_silenced', 'train_and_test', 'tracking_to', 'confusion_figure', 'class_accuracy',
-           'heldout_set', 'why_champion_stays', 'promote_champion', 'model_metadata', 'run_description',
-           'register_model', 'source_tags', 'fit', 'replacing', 'plot_history']
+__all__ = ['WHITENING_IMAGES', 'M_TRIM_THRESHOLD', 'M_MMAP_MAX', 'AUTOCAST_DTYPES', 'ASYNC_BUFFER_SECONDS', 'CHAMPION',
+           'warmup_then_decay', 'freeze_norm_scales', 'parameter_groups', 'sgd_with_schedule', 'Classifier',
+           'Lookahead', 'TrainingRun', 'TrainingError', 'tracking_uri', 'artifact_location', 'check_tracking_server',
+           'readable_checkpoint', 'run_folder', 'resume_config', 'run_config', 'cpu_has_bf16', 'device_settings',
+           'keep_freed_memory', 'process_count', 'launched_rank', 'launch_ranks', 'RankZeroWeights', 'EpochTimer',
+           'RecordsBeforeCheckpoint', 'datamodule_for', 'SteadyProgressBar', 'run_callbacks', 'build_trainer',
+           'start_tracking', 'prepare_folder', 'expected_warnings_silenced', 'train_and_test', 'tracking_to',
+           'confusion_figure', 'class_accuracy', 'heldout_set', 'why_champion_stays', 'promote_champion',
+           'model_metadata', 'run_description', 'register_model', 'source_tags', 'fit', 'replacing', 'plot_history']
 
 # %% ../nbs/02_trainer.ipynb #eeaa92bd
 for name in ('lightning.pytorch.utilities.rank_zero', 'pytorch_lightning.utilities.rank_zero'):
@@ -350,6 +351,17 @@ def device_settings(settings: TrainingConfig) -> tuple[str, str, bool]:
     channels_last = settings.channels_last
     if channels_last is None: channels_last = precision == 'bf16-mixed'
     return accelerator, precision, channels_last
+
+# %% ../nbs/02_trainer.ipynb #a44040d2
+# glibc's malloc.h
+M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
+
+def keep_freed_memory() -> bool:
+    "Have glibc's `malloc` keep the memory the process frees, for reuse; whether it agreed."
+    mallopt = getattr(ctypes.CDLL(None), 'mallopt', None)
+    if mallopt is None: return False
+    # big blocks from the heap, not mapped one by one; the heap's top never trimmed below 2 GB
+    return mallopt(M_MMAP_MAX, 0) == 1 and mallopt(M_TRIM_THRESHOLD, 2**31 - 1) == 1
 
 # %% ../nbs/02_trainer.ipynb #b2d44bd9
 def process_count(settings: TrainingConfig) -> int:
@@ -701,6 +713,7 @@ def _train(cfg: Config, resume: bool, uri: str, folder: Path,
            more_callbacks: list, tags: dict | None) -> TrainingRun | None:
     "The work of `fit`, once its checks have passed: build, track, train, test, register."
     _, precision, channels_last = device_settings(cfg.training)
+    if cfg.training.keep_freed_memory: keep_freed_memory()
     L.seed_everything(cfg.training.seed, verbose=False)
     module = Classifier(asdict(cfg.model), asdict(cfg.training))
     if channels_last: module = module.to(memory_format=torch.channels_last)
