@@ -191,8 +191,14 @@ def setup(self: Classifier, stage: str):
 
 # %% ../nbs/02_trainer.ipynb #63fff936
 @patch
+def on_train_epoch_start(self: Classifier):
+    "In a run of one process, FastNet's whitening biases require a gradient while they learn, and no longer."
+    if isinstance(self.net, FastNet) and self.trainer.world_size == 1:
+        self.net.stem.bias.requires_grad_(self.current_epoch < self.settings.whiten_bias_epochs)
+
+@patch
 def on_before_optimizer_step(self: Classifier, optimizer):
-    "After `whiten_bias_epochs`, drop the whitening biases' gradient: SGD leaves them as they are."
+    "After `whiten_bias_epochs`, drop the whitening biases' gradient, if any: SGD leaves them as they are."
     if isinstance(self.net, FastNet) and self.current_epoch >= self.settings.whiten_bias_epochs:
         self.net.stem.bias.grad = None
 
