@@ -45,13 +45,13 @@ class DataConfig:
 class ModelConfig:
     "Which network."
     arch: Literal['fastnet', 'resnet9', 'resnet18'] = 'fastnet'  # see the model chapter
-    width: PositiveInt = 32  # channels of the first stage; later stages have multiples of it
+    width: PositiveInt = 48  # channels of the first stage; later stages have multiples of it
 
 # %% ../nbs/01a_config.ipynb #e810e110
 @dataclass
 class TrainingConfig:
     "How to train: optimizer, schedule, precision, where checkpoints go."
-    max_epochs: PositiveInt = 12  # passes over the training images
+    max_epochs: PositiveInt = 13  # passes over the training images
     # peak step size per 1024 images, independent of momentum (decoupled)
     lr: PositiveFloat = 11.5
     momentum: ClosedUnitInterval = 0.85  # SGD momentum (Nesterov)
