@@ -7,7 +7,8 @@ lookahead and precision. The Lightning side is the loop `cifar10 train` runs: `b
 end, the epoch's checkpoint included. The bare side is a plain `for` loop over the same steps. Each
 side runs `--repeats` times, alternating, in this process; the figures are medians. The default is the
 small-model setting, where the loop's own cost shows most: FastNet of width 8, batches of 32, 300 steps,
-float32. Last line: `ratio: <lightning / bare>`.
+float32. Then the median of the pairs' ratios (each Lightning run and the bare run after it). Last line:
+`ratio: <lightning / bare>`, of the medians.
 
     python bench/overhead.py [--config PRESET] [--width 8] [--batch_size 32] [--steps 300] [--repeats 5]
 """
@@ -134,6 +135,10 @@ def main():
         print(f'{name:9s} {medians[name]:8.0f} images/s (runs: {", ".join(f"{v:.0f}" for v in values)})')
     print(f'per step: lightning {1e3 * args.batch_size / medians["lightning"]:.2f} ms, '
           f'bare {1e3 * args.batch_size / medians["bare"]:.2f} ms')
+    # each Lightning run against the bare run right after it: the machine's drift between runs cancels
+    pairs = sorted(l / b for l, b in zip(rates['lightning'], rates['bare']))
+    print(f'ratio of each alternating pair: median {statistics.median(pairs):.3f} '
+          f'(range {pairs[0]:.3f}-{pairs[-1]:.3f})')
     print(f'ratio: {medians["lightning"] / medians["bare"]:.3f}')
 
 
