@@ -6,8 +6,8 @@ to the registered model, tracking into a temporary store. Prints each seed's wal
 (the run's `time/epoch_seconds`, summed) and test accuracy, then the median and range over the seeds, and
 appends one JSON line per seed to `--output` when given. The last line is `test_accuracy: <median>`.
 
-    python bench/cpu_train.py [--seeds 3] [--config conf/cpu.yaml] [--set model.width=64 training.max_epochs=10]
-                              [--output bench/results/cpu-train.jsonl]
+    python bench/cpu_train.py [--seeds 3] [--first_seed 0] [--config conf/cpu.yaml]
+                              [--set model.width=64 training.max_epochs=10] [--output bench/results/cpu-train.jsonl]
 """
 import argparse
 import json
@@ -48,10 +48,11 @@ def main():
     parser.add_argument('--config', default=None, help='a preset (default: the embedded defaults, as make train)')
     parser.add_argument('--set', nargs='*', default=[], help='section.key=value flags of every run')
     parser.add_argument('--seeds', type=int, default=3)
+    parser.add_argument('--first_seed', type=int, default=0, help='seeds first_seed, first_seed + 1, ...')
     parser.add_argument('--output', default=None, help='a JSON-lines file to append each seed\'s figures to')
     args = parser.parse_args()
     records = []
-    for seed in range(args.seeds):
+    for seed in range(args.first_seed, args.first_seed + args.seeds):
         with tempfile.TemporaryDirectory() as folder: record = train(seed, args, folder)
         print(f'seed {seed}: wall time {record["wall_seconds"]:.0f} s (command start to registered model), '
               f'{record["epochs"]} epochs, {record["train_seconds"]:.0f} s of training; '
