@@ -208,9 +208,12 @@ def test_docs_are_served_offline_with_a_schema_for_pictures(server):
 REPORT_MODULES = '''
 import atexit, json, os, sys, threading, time
 def report():  # every half second, which of these this process has imported
+    path = os.path.join({folder!r}, f'{{os.getpid()}}.json')
     while True:
-        with open(os.path.join({folder!r}, f'{{os.getpid()}}.json'), 'w') as f:
+        # whole or not at all: the test may read it at any moment
+        with open(path + '.part', 'w') as f:
             json.dump([m for m in ('torch', 'lightning', 'mlflow', 'cifar10.serve') if m in sys.modules], f)
+        os.replace(path + '.part', path)
         time.sleep(0.5)
 threading.Thread(target=report, daemon=True).start()
 '''
