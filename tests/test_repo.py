@@ -139,8 +139,10 @@ def test_make_mlflow_serves_on_a_chosen_port_and_links_to_the_runs_table(tmp_pat
         assert first == f'the runs of the cifar10 experiment: {link}', first
         page = browser.new_page()
         page.goto(link)
-        page.get_by_text('a-listed-run').first.wait_for(timeout=60_000)  # the runs table, not GenAI's overview
-        assert page.get_by_role('heading', name='Runs').count()
+        # the model-training runs table: its heading is exactly 'Runs' (the page without workflowType says
+        # 'Training runs'); the heading and the table render in either order, so each is waited for
+        page.get_by_text('a-listed-run').first.wait_for(timeout=60_000)
+        page.get_by_role('heading', name='Runs', exact=True).first.wait_for(timeout=60_000)
         page.close()
     finally: stop(server)
 
