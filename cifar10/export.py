@@ -73,8 +73,10 @@ def quantize_onnx(source: str | Path,  # a float32 ONNX file from `export_onnx`
         prepared = tmp.with_suffix('.prepared.onnx')
         # ONNX shape inference suffices
         quant_pre_process(str(source), str(prepared), skip_symbolic_shape=True)
+        # 7-bit weights (reduce_range): x86 CPUs without VNNI multiply uint8 by int8 in 16-bit sums that
+        # saturate on full-range weights, and the file may be served on one of those
         quantize_static(str(prepared), str(tmp), _Calibration(np.ascontiguousarray(calibration)),
-                        quant_format=QuantFormat.QDQ, per_channel=True,
+                        quant_format=QuantFormat.QDQ, per_channel=True, reduce_range=True,
                         activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                         calibrate_method=CalibrationMethod.Percentile,
                         extra_options={'CalibPercentile': 99.99})
