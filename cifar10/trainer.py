@@ -116,6 +116,8 @@ class Classifier(L.LightningModule):
         super().__init__()
         # into every checkpoint; MLflow gets the flat config instead
         self.save_hyperparameters(logger=False)
+        # `training_step` steps the optimizer itself: see below
+        self.automatic_optimization = False
         self.net = build_model(num_classes=len(classes), **model)
         self.settings = TrainingConfig(**training)
         if not self.settings.norm_scales: freeze_norm_scales(self.net)
@@ -137,20 +139,24 @@ class Classifier(L.LightningModule):
         batch_size = self.trainer.datamodule.batch_size if self.trainer.datamodule else 1024
         steps = int(self.trainer.estimated_stepping_batches)
         optimizer, schedule = sgd_with_schedule(self.net, self.settings, steps, batch_size)
-        return {'optimizer': optimizer, 'lr_scheduler': {'scheduler': schedule, 'interval': 'step'}}
+        return {'optimizer': optimizer, 'lr_scheduler': schedule}
 
 # %% ../nbs/02_trainer.ipynb #e4d9e794
 @patch
 def training_step(self: Classifier, batch, batch_idx):
+    "One SGD step on `batch`: the loss, its gradient, the update, the schedule's next learning rate."
     images, labels = batch
     loss = F.cross_entropy(self.net(images), labels, label_smoothing=self.settings.label_smoothing)
+    optimizer = self.optimizers()
     # only on the steps Lightning writes to the logger, and all in one record: each record costs
     # the tracking store a write, and the bookkeeping of a value not written would cost every step
     if (self.global_step + 1) % self.trainer.log_every_n_steps == 0:
-        groups = self.optimizers().optimizer.param_groups
-        rates = {f'lr/{group["name"]}': group['lr'] for group in groups}
+        rates = {f'lr/{group["name"]}': group['lr'] for group in optimizer.param_groups}
         self.log_dict({'train/loss': loss, **rates})
-    return loss
+    optimizer.zero_grad()
+    self.manual_backward(loss)
+    optimizer.step()
+    self.lr_schedulers().step()
 
 # %% ../nbs/02_trainer.ipynb #eeb1c51f
 @patch
