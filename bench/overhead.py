@@ -7,10 +7,13 @@ lookahead and precision. The Lightning side is the loop `cifar10 train` runs: `b
 end, the epoch's checkpoint included. The bare side is a plain `for` loop over the same steps. Each
 side runs `--repeats` times, alternating, in this process; the figures are medians. The default is the
 small-model setting, where the loop's own cost shows most: FastNet of width 8, batches of 32, 300 steps,
-float32. Then the median of the pairs' ratios (each Lightning run and the bare run after it). Last line:
-`ratio: <lightning / bare>`, of the medians.
+float32. The machine's speed drifts from one run to the next by more than the loop costs, so each
+Lightning run is compared with the bare run right after it: the figures are the medians of those pairs'
+ratios, of whole runs and of steps (a step's time is from one batch's end to the next's: fetching,
+training step, lookahead; the step ratio leaves out what a run does once, the epoch's checkpoint).
+Last line: `ratio: <lightning / bare>`, the median of the pairs' whole-run ratios.
 
-    python bench/overhead.py [--config PRESET] [--width 8] [--batch_size 32] [--steps 300] [--repeats 5]
+    python bench/overhead.py [--config PRESET] [--width 8] [--batch_size 32] [--steps 300] [--repeats 11]
 """
 import argparse
 import statistics
@@ -42,20 +45,32 @@ from cifar10.trainer import (
 )
 
 
+def synchronized_clock() -> float:
+    "`time.perf_counter` once a GPU's queued work is done, so that both loops are timed alike."
+    if torch.cuda.is_available(): torch.cuda.synchronize()
+    return time.perf_counter()
+
+
+def median_step(ends: list) -> float:
+    "The median seconds between consecutive batch ends."
+    return statistics.median(b - a for a, b in zip(ends, ends[1:]))
+
+
 class TrainTimer(L.Callback):
-    "Times training, from its first step to its end (the epoch's checkpoint included)."
-    # a GPU's queued work is waited for at both ends, as the bare loop does
+    "Times training, from its first step to its end (the epoch's checkpoint included), and each step's end."
     def on_train_start(self, trainer, module):
-        if torch.cuda.is_available(): torch.cuda.synchronize()
-        self.start = time.perf_counter()
+        self.start = synchronized_clock()
+        self.ends = []
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        self.ends.append(synchronized_clock())
 
     def on_train_end(self, trainer, module):
-        if torch.cuda.is_available(): torch.cuda.synchronize()
-        self.seconds = time.perf_counter() - self.start
+        self.seconds = synchronized_clock() - self.start
 
 
-def lightning_rate(cfg, folder: Path) -> float:
-    "Images per second of `cifar10 train`'s loop."
+def lightning_rate(cfg, folder: Path) -> tuple:
+    "Images per second of `cifar10 train`'s loop, of the whole run and of its median step."
     _, precision, channels_last = device_settings(cfg.training)
     L.seed_everything(cfg.training.seed, verbose=False)
     module = Classifier(asdict(cfg.model), asdict(cfg.training))
@@ -68,11 +83,11 @@ def lightning_rate(cfg, folder: Path) -> float:
         prepare_folder(cfg, run, logger, resume=False)  # the MLflow run starts, its parameters logged, as in `fit`
         with expected_warnings_silenced():
             trainer.fit(module, datamodule=datamodule_for(cfg, precision, channels_last))
-    return trainer.global_step * cfg.data.batch_size / timer.seconds
+    return trainer.global_step * cfg.data.batch_size / timer.seconds, cfg.data.batch_size / median_step(timer.ends)
 
 
-def bare_rate(cfg) -> float:
-    "Images per second of a plain loop doing the same work."
+def bare_rate(cfg) -> tuple:
+    "Images per second of a plain loop doing the same work, of the whole run and of its median step."
     accelerator, precision, channels_last = device_settings(cfg.training)
     device = 'cuda' if accelerator == 'gpu' else 'cpu'
     L.seed_everything(cfg.training.seed, verbose=False)
@@ -89,8 +104,7 @@ def bare_rate(cfg) -> float:
     if lookahead: lookahead.average = [o.detach().clone() for o in Lookahead.tensors(module.net)]
     dtype = AUTOCAST_DTYPES.get(precision)
     module.train()
-    if device == 'cuda': torch.cuda.synchronize()
-    start, step = time.perf_counter(), 0
+    start, step, ends = synchronized_clock(), 0, []
     for epoch in range(cfg.training.max_epochs):
         for images, labels in loader:
             with torch.autocast(device, dtype=dtype or torch.float32, enabled=dtype is not None):
@@ -102,8 +116,9 @@ def bare_rate(cfg) -> float:
             optimizer.step(); schedule.step()
             step += 1
             if lookahead: lookahead.after_step(module.net, step, total)
-    if device == 'cuda': torch.cuda.synchronize()
-    return step * cfg.data.batch_size / (time.perf_counter() - start)
+            ends.append(synchronized_clock())
+    seconds = synchronized_clock() - start
+    return step * cfg.data.batch_size / seconds, cfg.data.batch_size / median_step(ends)
 
 
 def main():
@@ -114,7 +129,7 @@ def main():
     parser.add_argument('--batch_size', type=int, default=32)
     parser.add_argument('--steps', type=int, default=300, help='steps per run: one epoch of that many batches')
     parser.add_argument('--precision', default='32-true')
-    parser.add_argument('--repeats', type=int, default=5)
+    parser.add_argument('--repeats', type=int, default=11)
     parser.add_argument('--progress_bar', default='true', choices=['true', 'false'])
     args = parser.parse_args()
     warnings.filterwarnings('ignore', message='.*does not have many workers')
@@ -124,23 +139,24 @@ def main():
         'model': {'width': args.width},
         'training': {'max_epochs': 1, 'precision': args.precision, 'warmup_epochs': 0.2},
         'logging': {'progress_bar': args.progress_bar == 'true'}})
-    rates = {'lightning': [], 'bare': []}
+    runs = {'lightning': [], 'bare': []}
     with tempfile.TemporaryDirectory() as folder:
         bare_rate(cfg); lightning_rate(cfg, Path(folder))  # warm up both paths (allocator, kernels, imports)
         for _ in range(args.repeats):
-            rates['lightning'].append(lightning_rate(cfg, Path(folder)))
-            rates['bare'].append(bare_rate(cfg))
-    medians = {name: statistics.median(values) for name, values in rates.items()}
-    for name, values in rates.items():
-        print(f'{name:9s} {medians[name]:8.0f} images/s (runs: {", ".join(f"{v:.0f}" for v in values)})')
-    print(f'per step: lightning {1e3 * args.batch_size / medians["lightning"]:.2f} ms, '
-          f'bare {1e3 * args.batch_size / medians["bare"]:.2f} ms')
+            runs['lightning'].append(lightning_rate(cfg, Path(folder)))
+            runs['bare'].append(bare_rate(cfg))
+    for name, figures in runs.items():
+        whole, steps = zip(*figures)
+        step_ms = 1e3 * args.batch_size / statistics.median(steps)
+        print(f'{name:9s} {statistics.median(whole):6.0f} images/s, median step {step_ms:.2f} ms '
+              f'(runs: {", ".join(f"{v:.0f}" for v in whole)})')
     # each Lightning run against the bare run right after it: the machine's drift between runs cancels
-    pairs = sorted(l / b for l, b in zip(rates['lightning'], rates['bare']))
-    print(f'ratio of each alternating pair: median {statistics.median(pairs):.3f} '
-          f'(range {pairs[0]:.3f}-{pairs[-1]:.3f})')
-    print(f'ratio: {medians["lightning"] / medians["bare"]:.3f}')
-
+    ratios = {}
+    for i, kind in enumerate(('whole runs', 'steps')):
+        pairs = sorted(lightning[i] / bare[i] for lightning, bare in zip(runs['lightning'], runs['bare']))
+        ratios[kind] = statistics.median(pairs)
+        print(f'ratio of the pairs, {kind}: median {ratios[kind]:.3f} (range {pairs[0]:.3f}-{pairs[-1]:.3f})')
+    print(f'ratio: {ratios["whole runs"]:.3f}')
 
 if __name__ == '__main__':
     main()
